@@ -1,0 +1,8 @@
+"""PIPO (Pair-In, Pair-Out) decoding for Qwen3.5 models in MLX."""
+
+from .convert import convert
+from .errors import PipoError
+from .model import Model, ModelArgs, PipoOutput
+from .utils import load
+
+__all__ = ["Model", "ModelArgs", "PipoError", "PipoOutput", "convert", "load"]
