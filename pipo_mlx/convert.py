@@ -179,6 +179,33 @@ def _tokenizer_source(*folders: Optional[Path]) -> Path:
     )
 
 
+def save_folder(dst: Path, model: Model, config: dict, tokenizer_dir: Path) -> None:
+    """Write weights, config and tokenizer to `dst` atomically.
+
+    Everything goes to a hidden sibling first and is renamed into place at the
+    end, so an interrupted write never leaves a half-written model behind.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_model(tmp, model)
+        save_config(dict(config), tmp / "config.json")
+        for name in TOKENIZER_PATTERNS:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, tmp / name)
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def convert(
     hf_path: str,
     mlx_path: str,
@@ -256,23 +283,5 @@ def convert(
     if quantize:
         model, out_config = quantize_model(model, out_config, q_group_size, q_bits)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        save_model(tmp, model)
-        save_config(out_config, tmp / "config.json")
-        for name in TOKENIZER_PATTERNS:
-            if (tokenizer_dir / name).is_file():
-                shutil.copy2(tokenizer_dir / name, tmp / name)
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_folder(dst, model, out_config, tokenizer_dir)
     return dst
