@@ -9,7 +9,7 @@ layout, tokenizer included.
 
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
@@ -145,8 +145,11 @@ class RefPIPO(tnn.Module):
     def __init__(self, config: Qwen3_5TextConfig, compressor: str = "mlp", seed: int = 0):
         super().__init__()
         torch.manual_seed(seed)
-        self.config = config
-        self.backbone = Qwen3_5ForCausalLM(config).float().eval()
+        self.hf_config = config  # not `config`: PEFT would take us for a transformers model
+        # The HF causal LM's parts are held directly, so state-dict keys (and
+        # PEFT adapter keys) come out in the checkpoint layout: model.*, lm_head.*
+        causal_lm = Qwen3_5ForCausalLM(config).float()
+        self.model, self.lm_head = causal_lm.model, causal_lm.lm_head
         h = config.hidden_size
         self.compressor = RefCompressor(h, compressor)
         self.mtp = RefMTP(config)
@@ -162,17 +165,14 @@ class RefPIPO(tnn.Module):
                     p.copy_(torch.randn_like(p) * 0.05)
         self.eval()
 
-    def lm_head(self, x):
-        return self.backbone.lm_head(x)
-
     def embed(self, ids):
-        return self.backbone.model.embed_tokens(ids)
+        return self.model.embed_tokens(ids)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> Dict[str, np.ndarray]:
         B, T = ids.shape
         pairs = self.embed(ids).reshape(B, T // 2, -1)  # [e_{2i} ; e_{2i+1}]
-        h = self.backbone.model(inputs_embeds=self.compressor(pairs)).last_hidden_state
+        h = self.model(inputs_embeds=self.compressor(pairs)).last_hidden_state
         m = self.mtp(self.embed(ids[:, 2::2]), h[:, :-1])
         out = {
             "hidden": h,
@@ -185,17 +185,18 @@ class RefPIPO(tnn.Module):
     def hf_state_dict(self, layout: str = "text") -> Dict[str, torch.Tensor]:
         """Merged-checkpoint keys: `model.*` or `model.language_model.*`, plus heads."""
         sd = {}
-        for k, v in self.backbone.state_dict().items():
-            if k == "lm_head.weight" and self.config.tie_word_embeddings:
+        for k, v in self.state_dict().items():
+            if k == "lm_head.weight" and self.hf_config.tie_word_embeddings:
                 continue
             if layout == "multimodal" and k.startswith("model."):
                 k = "model.language_model." + k[len("model."):]
-            sd[k] = v
-        for prefix in ("compressor", "mtp", "confidence_head"):
-            for k, v in getattr(self, prefix).state_dict().items():
-                if not k.startswith("rotary"):
-                    sd[f"{prefix}.{k}"] = v
-        return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+            sd[k] = v.detach().contiguous().clone()
+        return sd
+
+    @torch.no_grad()
+    def backbone_logits(self, ids: torch.Tensor) -> np.ndarray:
+        """Plain Qwen3.5 next-token logits (no pairing), for backbone parity."""
+        return self.lm_head(self.model(input_ids=ids).last_hidden_state).numpy()
 
 
 def hf_config_dict(config: Qwen3_5TextConfig, nested: bool = False, **extra) -> dict:
@@ -252,14 +253,3 @@ def to_numpy(x) -> np.ndarray:
 
     return np.array(x.astype(mx.float32))
 
-
-__all__ = [
-    "RefPIPO",
-    "hf_config_dict",
-    "make_tokenizer",
-    "max_abs",
-    "random_ids",
-    "tiny_config",
-    "to_numpy",
-    "write_checkpoint",
-]
