@@ -157,16 +157,12 @@ def text_config(config: dict, config_path: Path) -> dict:
     return text
 
 
-def read_pad_token_id(text: dict, tokenizer_dir: Optional[Path]) -> Optional[int]:
+def read_pad_token_id(text: dict, tokenizer_dir: Path) -> Optional[int]:
+    """The config's pad token, else the tokenizer's (Qwen3.5: 248044)."""
     pad = text.get("pad_token_id")
     if isinstance(pad, int):
         return pad
-    if tokenizer_dir is not None:
-        cfg = tokenizer_dir / "tokenizer_config.json"
-        if cfg.is_file():
-            from mlx_lm.utils import load_tokenizer
+    from mlx_lm.utils import load_tokenizer
 
-            pad = load_tokenizer(tokenizer_dir).pad_token_id
-            if isinstance(pad, int):
-                return pad
-    return None
+    pad = load_tokenizer(tokenizer_dir).pad_token_id
+    return pad if isinstance(pad, int) else None

@@ -36,6 +36,8 @@ ARCHITECTURE = "Qwen3_5ForCausalPIPO"
 def _canonical(key: str) -> str:
     """One key layout for merging: text-only `model.*`, no PEFT prefix."""
     key = key.removeprefix("base_model.model.")
+    # Some PEFT versions keep the wrapper's name in saved-whole module keys.
+    key = key.replace(".modules_to_save.default.", ".")
     return key.replace("model.language_model.", "model.", 1)
 
 
@@ -71,6 +73,8 @@ def merge_adapter(
             pairs.setdefault(target + ".weight", {})[rest[0]] = value
         elif ".lora_" in key:
             raise PipoError(f"{file}: unsupported LoRA tensor {key}")
+        elif ".original_module." in key:
+            continue
         else:
             whole[key] = value
 

@@ -298,3 +298,30 @@ def test_unknown_compressor_option_and_conflict(hf_pipo, tmp_path):
 def test_load_refuses_plain_folder(hf_pipo):
     with pytest.raises(PipoError, match="not a PIPO conversion"):
         load(str(hf_pipo[1]))
+
+
+def test_hub_repo_with_subfolder_downloads_only_that_folder(hf_pipo, tmp_path, monkeypatch):
+    """`owner/name/sub/dir` fetches only sub/dir's needed files, then converts from there."""
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(hf_pipo[1], snapshot / "outputs" / "run" / "checkpoint-1")
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    dst = convert("someone/PIPO/outputs/run/checkpoint-1", str(tmp_path / "mlx"), dtype="float32")
+    assert calls[0][0] == "someone/PIPO"
+    assert "outputs/run/checkpoint-1/*.safetensors" in calls[0][1]
+    assert all(p.startswith("outputs/run/checkpoint-1/") for p in calls[0][1])
+    _assert_parity(hf_pipo[0], dst, random_ids(1, 6, seed=60))
+
+
+def test_unreachable_hub_repo_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PipoError, match="neither a local folder nor a downloadable Hugging Face repo"):
+        convert("nobody/no-such-model", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
