@@ -2,7 +2,17 @@
 
 from .convert import convert
 from .errors import PipoError
+from .generate import generate, stream_generate
 from .model import Model, ModelArgs, PipoOutput
 from .utils import load
 
-__all__ = ["Model", "ModelArgs", "PipoError", "PipoOutput", "convert", "load"]
+__all__ = [
+    "Model",
+    "ModelArgs",
+    "PipoError",
+    "PipoOutput",
+    "convert",
+    "generate",
+    "load",
+    "stream_generate",
+]

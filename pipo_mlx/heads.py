@@ -82,6 +82,8 @@ class MTPHead(nn.Module):
             axis=-1,
         )
         x = self.fc(x)
+        if x.shape[1] == 0:  # a single pair has no draft; attention can't take L = 0
+            return self.norm(x)
         if cache is None:
             cache = [None] * len(self.layers)
         mask = create_attention_mask(x, cache[0])

@@ -1,0 +1,212 @@
+"""generate.py: figures, chat, model resolution and every bad input, mostly in-process."""
+
+import importlib
+import io
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipo_mlx import generate, load
+
+# The package's `generate` attribute is the function (as in mlx-lm), so reach
+# the module through the import system.
+gen = importlib.import_module("pipo_mlx.generate")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(monkeypatch, capsys, *argv, stdin=None):
+    """Run generate.py in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["generate.py", *argv])
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        runpy.run_path(str(ROOT / "generate.py"), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_verbose_run_prints_text_and_figures(mlx_pipo, monkeypatch, capsys):
+    code, out, err = cli(
+        monkeypatch,
+        capsys,
+        "--model",
+        str(mlx_pipo),
+        "--prompt",
+        "hi",
+        "--verbose",
+        "--max-tokens",
+        "12",
+        "--conf-threshold",
+        "0.5",
+    )
+    assert code == 0, err
+    model, tokenizer = load(str(mlx_pipo))
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True
+    )
+    text = generate(model, tokenizer, prompt, max_tokens=12, conf_threshold=0.5)
+    assert out.startswith("=" * 10 + "\n" + text + "\n" + "=" * 10 + "\n")
+    for figure in (
+        "time to first token",
+        "tokens-per-sec",
+        "tokens per step",
+        "token2 kept",
+        "Peak memory",
+    ):
+        assert figure in out
+    assert "Generation: 12 tokens" in out
+
+
+def test_prompt_from_stdin_and_raw_text(mlx_pipo, monkeypatch, capsys):
+    code, out, err = cli(
+        monkeypatch,
+        capsys,
+        "--model",
+        str(mlx_pipo),
+        "--prompt",
+        "-",
+        "--ignore-chat-template",
+        "--max-tokens",
+        "6",
+        stdin="def add(a, b):",
+    )
+    assert code == 0, err
+    model, tokenizer = load(str(mlx_pipo))
+    assert out == generate(model, tokenizer, "def add(a, b):", max_tokens=6) + "\n"
+
+
+def test_chat_loop(mlx_pipo, monkeypatch, capsys):
+    code, out, err = cli(
+        monkeypatch,
+        capsys,
+        "--model",
+        str(mlx_pipo),
+        "--chat",
+        "--max-tokens",
+        "5",
+        stdin="def add(a, b):\n\nprint(i)\nr\nimport os\nq\n",
+    )
+    assert code == 0, err
+    assert out.count(">> ") == 6  # three turns, an empty line, 'r' and 'q'
+    assert "error" not in err
+    # Ctrl-D ends the chat as well.
+    code, _, err = cli(monkeypatch, capsys, "--model", str(mlx_pipo), "--chat", stdin="hello\n")
+    assert code == 0, err
+
+
+def test_ctrl_c_prints_what_was_produced(mlx_pipo, monkeypatch, capsys):
+    real = gen.stream_generate
+    shown = []
+
+    def interrupted(*args, **kwargs):
+        for i, response in enumerate(real(*args, **kwargs)):
+            if i == 4:
+                raise KeyboardInterrupt
+            shown.append(response.text)
+            yield response
+
+    monkeypatch.setattr(gen, "stream_generate", interrupted)
+    code, out, err = cli(
+        monkeypatch, capsys, "--model", str(mlx_pipo), "--prompt", "hi", "--max-tokens", "50"
+    )
+    assert code == 130
+    assert out.startswith("".join(shown)) and out.endswith("\n")
+    assert "interrupted" in err and "Traceback" not in err
+
+
+def test_sigint_during_generation_exits_cleanly(mlx_pipo):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "generate.py"),
+            "--model",
+            str(mlx_pipo),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "-1",
+            "--conf-threshold",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    first = proc.stdout.read(1)  # text is streaming: generation is under way
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert first
+    assert proc.returncode == 130
+    assert b"interrupted" in err and b"Traceback" not in err
+
+
+def test_hub_repo_is_converted_once(mlx_pipo, monkeypatch, tmp_path):
+    calls = []
+
+    def fake_convert(src, dst):  # stands in for the download and conversion
+        calls.append(src)
+        shutil.copytree(mlx_pipo, dst)
+
+    monkeypatch.setenv("PIPO_MLX_CACHE", str(tmp_path))
+    monkeypatch.setattr(gen, "convert", fake_convert)
+    for _ in range(2):
+        model, _ = gen.load_model("someone/pipo-tiny")
+    assert calls == ["someone/pipo-tiny"]
+    assert (tmp_path / "someone--pipo-tiny" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--prompt", "hi"], "no model given"),
+        (["--model", "{missing}", "--prompt", "hi"], "does not exist"),
+        (["--model", "{hf}", "--prompt", "hi"], "is not a PIPO conversion"),
+        (["--model", "{mlx}", "--prompt", ""], "the prompt is empty"),
+        (["--model", "{mlx}", "--prompt", "  \n"], "the prompt is empty"),
+        (["--model", "{mlx}"], "no prompt"),
+        (["--model", "{mlx}", "--prompt", "hi", "--conf-threshold", "high"], "is not a number"),
+        (
+            ["--model", "{mlx}", "--prompt", "hi", "--max-tokens", "0"],
+            "--max-tokens must be positive",
+        ),
+        (
+            ["--model", "{mlx}", "--prompt", "a " * 5000, "--ignore-chat-template"],
+            "more than the model's context",
+        ),
+    ],
+)
+def test_bad_input(hf_pipo, mlx_pipo, tmp_path, monkeypatch, capsys, argv, message):
+    paths = {
+        "{missing}": str(tmp_path / "nothing"),
+        "{hf}": str(hf_pipo[1]),
+        "{mlx}": str(mlx_pipo),
+    }
+    code, out, err = cli(monkeypatch, capsys, *[paths.get(a, a) for a in argv])
+    assert code == 2
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1
+    if "PIPO conversion" in message:
+        assert "convert.py" in err
+
+
+def test_chat_reports_an_overlong_turn_and_goes_on(mlx_pipo, monkeypatch, capsys):
+    code, out, err = cli(
+        monkeypatch,
+        capsys,
+        "--model",
+        str(mlx_pipo),
+        "--chat",
+        "--max-tokens",
+        "3",
+        stdin="a " * 5000 + "\nhi\n",
+    )
+    assert code == 0
+    assert "more than the model's context" in err
+    assert out.count(">> ") == 3
