@@ -4,6 +4,7 @@ from .convert import convert
 from .errors import PipoError
 from .generate import generate, stream_generate
 from .model import Model, ModelArgs, PipoOutput
+from .train import TrainConfig  # the loop itself: pipo_mlx.train.train
 from .utils import load
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "ModelArgs",
     "PipoError",
     "PipoOutput",
+    "TrainConfig",
     "convert",
     "generate",
     "load",
