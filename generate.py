@@ -7,6 +7,7 @@ from pipo_mlx.generate import (
     DEFAULT_CONF_THRESHOLD,
     DEFAULT_MAX_TOKENS,
     DEFAULT_PREFILL_STEP_SIZE,
+    DEFAULT_TOKEN2_HEAD,
     run,
 )
 
@@ -52,6 +53,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="keep the drafted second token when the confidence head's probability "
         f"reaches this (default {DEFAULT_CONF_THRESHOLD}); below 0 keeps all, 1 or "
         "more keeps none and skips the draft",
+    )
+    parser.add_argument(
+        "--token2-head",
+        default=DEFAULT_TOKEN2_HEAD,
+        help="how the drafted token2's logits are computed: full (the LM head, default), "
+        "q4 or q8 (a 4- or 8-bit copy of it), top:K (only the first K token ids, the "
+        "frequent ones in a BPE vocabulary), or q4+top:K / q8+top:K",
     )
     parser.add_argument(
         "--prefill-step-size",

@@ -20,6 +20,11 @@ Two rules that the spec leaves open, decided here:
   any EOS. PIPO trains with PAD labels ignored, so this only removes a token the
   model was never taught to emit, and a PAD in the stream always means "token2
   dropped". PAD therefore never reaches the text.
+
+A step reads the LM head twice (token1, then token2, which depends on token1),
+so where decoding is bound by reading weights the keep-all speedup stays below
+2x. Since token2 is only a draft the confidence head may drop, `token2_head`
+can compute it with a cheaper stand-in for the LM head (`make_token2_head`).
 """
 
 import argparse
@@ -31,9 +36,21 @@ import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Tuple,
+    Union,
+)
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, generation_stream, wired_limit
 from mlx_lm.sample_utils import (
     LogitsProcessor,
@@ -54,6 +71,7 @@ DEFAULT_MAX_TOKENS = 256
 DEFAULT_CONF_THRESHOLD = 0.95  # the paper's evaluation setting
 DEFAULT_PREFILL_STEP_SIZE = 2048
 DEFAULT_CACHE_DIR = "~/.cache/pipo_mlx"  # HF repo ids are converted here once
+DEFAULT_TOKEN2_HEAD = "full"
 
 
 @dataclass
@@ -110,6 +128,91 @@ def check_threshold(value: Union[str, float]) -> float:
     return threshold
 
 
+Token2Head = Callable[[mx.array], mx.array]  # MTP state m [B, H] -> logits [B, V]
+
+
+def parse_token2_head(spec: str) -> Tuple[Optional[int], Optional[int]]:
+    """(bits, shortlist size) from "full", "q4", "q8", "top:K", "q4+top:K" or "q8+top:K"."""
+    bits = top = None
+    parts = spec.split("+") if spec != DEFAULT_TOKEN2_HEAD else []
+    for part in parts:
+        if part in ("q4", "q8") and bits is None:
+            bits = int(part[1:])
+        elif part.startswith("top:") and part[4:].isdigit() and int(part[4:]) > 0 and top is None:
+            top = int(part[4:])
+        else:
+            raise PipoError(
+                f"unknown token2 head {spec!r}; use full, q4, q8, top:K (K > 0), "
+                "or q4+top:K / q8+top:K"
+            )
+    return bits, top
+
+
+def _lm_head_rows(
+    layer: nn.Module, rows: int
+) -> Tuple[Tuple[mx.array, ...], Optional[dict]]:
+    """The first `rows` rows of the LM head: (arrays, quantization args or None)."""
+    if "scales" not in layer:
+        return (layer.weight[:rows],), None
+    biases = layer["biases"][:rows] if "biases" in layer else None
+    packed = (layer.weight[:rows], layer.scales[:rows], biases)
+    return packed, {"group_size": layer.group_size, "bits": layer.bits, "mode": layer.mode}
+
+
+def make_token2_head(model: Model, spec: str = DEFAULT_TOKEN2_HEAD) -> Token2Head:
+    """token2's logits from the MTP state: the LM head itself, or a cheaper stand-in.
+
+    Build it once and pass it as `token2_head` (a string there builds it per call).
+
+    * "full": the LM head; exact, and the default.
+    * "q4", "q8": a 4- or 8-bit copy of the LM head, made here (extra memory),
+      used only for token2. It pays where a matmul is bound by reading weights
+      (Apple GPUs); MLX's CPU quantized matmul is bound by arithmetic instead,
+      so on CPU it is no faster than the full head.
+    * "top:K": only the first K token ids. BPE tokenizers number tokens in merge
+      order, so low ids are the frequent ones; the rows are a slice of the head,
+      with no copy, and cost K/V of its reads. token2 is drawn from these K ids
+      only: where the full head would pick another token the draft differs, and
+      the confidence head (which never sees logits) may still keep it, so the
+      price is paid in token2 accuracy. Special tokens usually close the
+      vocabulary, so an EOS then ends generation only as token1.
+    * "q4+top:K", "q8+top:K": both.
+    """
+    bits, top = parse_token2_head(spec)
+    if bits is None and top is None:
+        return model.lm_logits
+    vocab = model.args.vocab_size
+    if top is not None and top > vocab:
+        raise PipoError(f"token2 head {spec!r}: the vocabulary has only {vocab} tokens")
+    rows = top or vocab
+    layer = model.model.embed_tokens if model.args.tie_word_embeddings else model.lm_head
+    packed, qargs = _lm_head_rows(layer, rows)
+    if bits is not None:
+        weight = packed[0] if qargs is None else mx.dequantize(*packed, **qargs)
+        group = next((g for g in (64, 32) if weight.shape[-1] % g == 0), None)
+        if group is None:
+            raise PipoError(
+                f"token2 head {spec!r}: hidden size {weight.shape[-1]} is not a multiple of 32"
+            )
+        packed = tuple(mx.quantize(weight, group, bits))
+        qargs = {"group_size": group, "bits": bits, "mode": "affine"}
+    packed = tuple(p for p in packed if p is not None)  # unquantized, or no biases
+    mx.eval(packed)
+
+    def logits(m: mx.array) -> mx.array:
+        if qargs is None:
+            out = m @ packed[0].T
+        else:
+            out = mx.quantized_matmul(m, *packed, transpose=True, **qargs)
+        if rows < vocab:  # ids past the shortlist can never be drawn
+            out = mx.pad(
+                out, [(0, 0)] * (out.ndim - 1) + [(0, vocab - rows)], constant_values=-mx.inf
+            )
+        return out
+
+    return logits
+
+
 class _Step(NamedTuple):
     out: mx.array  # [token1, token2, keep]: the only array the host reads
     pair: mx.array  # [1, 2]: what the next step reads, token2 gated into PAD
@@ -161,6 +264,7 @@ def generate_step(
     conf_threshold: float = DEFAULT_CONF_THRESHOLD,
     prompt_cache: Optional[PromptCache] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    token2_head: Union[str, Token2Head] = DEFAULT_TOKEN2_HEAD,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield (token, logprobs, is_token2) for each generated token, PADs never.
 
@@ -168,6 +272,7 @@ def generate_step(
     as token2 ends it after token2, and exactly `max_tokens` tokens are yielded
     at most (-1: no limit). A dropped token2 enters the caches as PAD, so after
     the call `prompt_cache.tokens` is the prompt plus what was yielded, in pairs.
+    `token2_head` is a `make_token2_head` spec or the head it made.
     """
     ids = prompt.tolist() if isinstance(prompt, mx.array) else [int(t) for t in prompt]
     threshold = check_threshold(conf_threshold)
@@ -196,6 +301,8 @@ def generate_step(
             "empty; keep that threshold or start a new cache"
         )
     cache.uses_mtp = use_mtp if not cache.tokens else cache.uses_mtp and use_mtp
+    if isinstance(token2_head, str):
+        token2_head = make_token2_head(model, token2_head)
 
     sampler = sampler or greedy_sampler
     eos = sorted(set(eos_token_ids))
@@ -227,7 +334,7 @@ def generate_step(
             m = model.draft(firsts, hidden, mtp_cache)[:, -1:]
             if history is not None:
                 history = mx.concatenate([history, token1])
-            token2, logprobs2 = sample(model.lm_logits(m[:, -1]), history)
+            token2, logprobs2 = sample(token2_head(m[:, -1]), history)
             if threshold >= 0:
                 keep = mx.sigmoid(model.confidence(h, m)[:, -1]) >= threshold
             else:
@@ -301,7 +408,8 @@ def stream_generate(
 
     `prompt` is text or token ids (apply a chat template first, as with mlx-lm).
     The other options are those of `generate_step`: `sampler`,
-    `logits_processors`, `conf_threshold`, `prompt_cache`, `prefill_step_size`.
+    `logits_processors`, `conf_threshold`, `prompt_cache`, `prefill_step_size`,
+    `token2_head`.
     """
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
@@ -492,6 +600,7 @@ def _stream(responses: Iterator[PipoResponse], tokenizer: TokenizerWrapper, verb
 def run(args: argparse.Namespace) -> None:
     """The body of generate.py; `args` are its parsed options."""
     threshold = check_threshold(args.conf_threshold)
+    parse_token2_head(args.token2_head)
     if args.max_tokens == 0 or args.max_tokens < -1:
         raise PipoError(
             f"--max-tokens must be positive (or -1 for no limit), got {args.max_tokens}"
@@ -523,6 +632,7 @@ def run(args: argparse.Namespace) -> None:
         ),
         conf_threshold=threshold,
         prefill_step_size=args.prefill_step_size,
+        token2_head=make_token2_head(model, args.token2_head),
     )
     if not args.chat:
         if args.verbose:

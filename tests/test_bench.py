@@ -1,0 +1,70 @@
+"""benchmarks/bench_decode.py --quick runs and writes every field; timings are not judged here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MACHINE = {"platform", "cpu", "cores", "device", "mlx", "mlx_lm", "blas_preloaded",
+           "load_average_start", "load_average_end"}
+SETTINGS = {"repeats", "tokens", "decode_prompt_tokens", "quick", "detokenization", "eos", "wall_s"}
+MODEL = {"name", "dtype", "layers", "hidden_size", "vocab_size", "params", "backbone_params",
+         "weight_bytes", "head_to_backbone", "bound_keep_all", "bound_keep_all_top",
+         "token2_heads", "ttft", "cache", "decode"}
+DECODE = {"variant", "api", "threshold", "token2_head", "fused", "baseline", "ms_per_token",
+          "ms_per_token_runs", "baseline_ms_per_token", "speedup", "tokens", "tokens_per_step",
+          "keep_rate", "peak_memory_gb"}
+TTFT = {"prompt_tokens", "mlx_lm_s", "pipo_s", "mlx_lm_s_runs", "pipo_s_runs", "speedup",
+        "mlx_lm_peak_memory_gb", "pipo_peak_memory_gb"}
+CACHE = {"prompt_tokens", "mlx_lm_positions", "pipo_positions", "mlx_lm_full_attention_kv_bytes",
+         "pipo_full_attention_kv_bytes", "full_attention_kv_ratio",
+         "mlx_lm_linear_attention_state_bytes", "pipo_linear_attention_state_bytes",
+         "pipo_mtp_kv_bytes"}
+VARIANTS = {"mlx-lm", "keep-all", "τ=0.95", "keep-none", "keep-all unfused", "keep-all top:V/8",
+            "keep-all q4 head", "τ=0.95 top:V/8", "τ=0.95 q4 head", "mlx-lm stream_generate",
+            "keep-all stream_generate"}
+FOLDER_VARIANTS = VARIANTS | {"τ=0.5", "τ=0.5 top:V/8", "τ=0.5 q4 head"}
+THRESHOLDS = {"0.5", "0.8", "0.95"}
+HEAD_SPECS = {"full", "q4", "q8", "top:160", "top:80", "top:40"}  # the test model: V = 320
+
+
+def test_quick_run_writes_every_field(mlx_pipo, tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--quick",
+         "--model", str(mlx_pipo), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "weight-reading bound" in done.stdout
+    r = json.loads((tmp_path / "decode.json").read_text())
+    assert MACHINE <= r["machine"].keys() and SETTINGS <= r["settings"].keys()
+    assert r["settings"]["quick"]
+    assert [(m["name"], m["dtype"]) for m in r["models"]] == [
+        ("quick", "float32"), ("quick", "float16"), ("quick", "4bit"), ("pipo", "float32")
+    ]
+    for m in r["models"]:
+        assert MODEL <= m.keys()
+        assert set(m["weight_bytes"]) == {"B", "E", "M", "C"}
+        for row in m["decode"]:
+            assert DECODE <= row.keys()
+            assert row["tokens"] == r["settings"]["tokens"]  # no early stop on either side
+    assert {row["variant"] for row in r["models"][0]["decode"]} == VARIANTS
+    assert {row["variant"] for row in r["models"][-1]["decode"]} == FOLDER_VARIANTS
+    for m in (r["models"][0], r["models"][-1]):  # full float32 runs
+        unfused = next(row for row in m["decode"] if row["variant"] == "keep-all unfused")
+        assert unfused["same_tokens_as_fused"]
+        assert [t["prompt_tokens"] for t in m["ttft"]] == [64, 128]
+        for t in m["ttft"]:
+            assert TTFT <= t.keys()
+        assert CACHE <= m["cache"].keys()
+        assert m["cache"]["pipo_positions"] < m["cache"]["mlx_lm_positions"]
+    q = r["token2_head_quality"]
+    assert {"positions", "keep_rate"} | HEAD_SPECS <= q.keys()
+    assert set(q["keep_rate"]) == THRESHOLDS
+    for spec in HEAD_SPECS:
+        assert {"token2_accuracy", "kept_token2_accuracy", "agreement_with_full_head"} <= q[spec].keys()
+        assert set(q[spec]["kept_token2_accuracy"]) == THRESHOLDS
+    if r["chart"] is not None:  # matplotlib is an optional extra
+        assert (tmp_path / "decode.png").stat().st_size > 0
