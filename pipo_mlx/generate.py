@@ -66,7 +66,9 @@ from .errors import PipoError
 from .model import Model
 from .utils import load
 
-DEFAULT_MODEL: Optional[str] = None  # a published demo conversion, once there is one
+# The demo model built by scripts/make_demo.py (trained on Python's standard
+# library), shipped in the repository so generate.py works offline.
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "pipo-stdlib"
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_CONF_THRESHOLD = 0.95  # the paper's evaluation setting
 DEFAULT_PREFILL_STEP_SIZE = 2048
@@ -500,12 +502,19 @@ def print_figures(response: PipoResponse) -> None:
 
 def load_model(spec: Optional[str]) -> Tuple[Model, TokenizerWrapper]:
     """A converted folder, or a Hugging Face repo id converted once into a local cache."""
-    spec = spec or DEFAULT_MODEL
     if spec is None:
-        raise PipoError(
-            "no model given; pass --model with a folder written by convert.py or the "
-            "Hugging Face repo id of a merged PIPO checkpoint"
+        if not DEFAULT_MODEL.is_dir():
+            raise PipoError(
+                f"no --model given and the demo model {DEFAULT_MODEL} is missing; pass "
+                "--model with a folder written by convert.py or the Hugging Face repo id "
+                "of a merged PIPO checkpoint"
+            )
+        print(
+            f"[INFO] no --model given: using the shipped demo model {DEFAULT_MODEL} "
+            "(trained on Python's standard library)",
+            file=sys.stderr,
         )
+        return load(str(DEFAULT_MODEL))
     local = Path(spec).expanduser()
     if local.exists() or spec.startswith((".", "/", "~")) or "/" not in spec:
         return load(str(local))

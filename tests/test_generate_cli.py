@@ -166,7 +166,7 @@ def test_hub_repo_is_converted_once(mlx_pipo, monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--prompt", "hi"], "no model given"),
+        (["--prompt", "hi"], "no --model given and the demo model"),
         (["--model", "{missing}", "--prompt", "hi"], "does not exist"),
         (["--model", "{hf}", "--prompt", "hi"], "is not a PIPO conversion"),
         (["--model", "{mlx}", "--prompt", ""], "the prompt is empty"),
@@ -184,6 +184,7 @@ def test_hub_repo_is_converted_once(mlx_pipo, monkeypatch, tmp_path):
     ],
 )
 def test_bad_input(hf_pipo, mlx_pipo, tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(gen, "DEFAULT_MODEL", tmp_path / "no-demo")
     paths = {
         "{missing}": str(tmp_path / "nothing"),
         "{hf}": str(hf_pipo[1]),
@@ -194,6 +195,13 @@ def test_bad_input(hf_pipo, mlx_pipo, tmp_path, monkeypatch, capsys, argv, messa
     assert message in err and err.startswith("error: ") and err.count("\n") == 1
     if "PIPO conversion" in message:
         assert "convert.py" in err
+
+
+def test_no_model_uses_the_shipped_demo(monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "--prompt", "def fib(n):", "--max-tokens", "8")
+    assert code == 0, err
+    assert "using the shipped demo model" in err and "pipo-stdlib" in err
+    assert out.strip()
 
 
 def test_chat_reports_an_overlong_turn_and_goes_on(mlx_pipo, monkeypatch, capsys):
