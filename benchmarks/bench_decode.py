@@ -765,7 +765,7 @@ def plot(results: Dict[str, Any], path: Path) -> Optional[str]:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    return str(path)
+    return path.name  # beside the JSON; a relative name keeps results portable
 
 
 def log(msg: str) -> None:
