@@ -24,7 +24,6 @@ Prints a table, writes JSON and a reliability plot (needs matplotlib).
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -36,6 +35,7 @@ import mlx.nn as nn
 import numpy as np
 
 from pipo_mlx.chunked_delta import fast_training
+from pipo_mlx.checkpoint import write_json_atomic
 from pipo_mlx.corpus import read_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -319,9 +319,7 @@ def main() -> None:
     for k, v in rows:
         print(f"| {k.ljust(width)} | {v:>5} |")
 
-    tmp = out / ".eval_quality.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out / "eval_quality.json")
+    write_json_atomic(out / "eval_quality.json", results)
     plot(bins, target_bins, ece, out / "reliability.png")
     log(f"wrote {out / 'eval_quality.json'} and {out / 'reliability.png'}")
 

@@ -5,6 +5,7 @@ these are the places where a user's input is wrong.
 """
 
 import json
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -70,6 +71,13 @@ def read_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise PipoError(f"{path} should hold a JSON object; restore or re-download it")
     return data
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON under a temporary name and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def load_safetensors(path: Path) -> Dict[str, mx.array]:

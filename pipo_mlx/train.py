@@ -38,7 +38,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from .checkpoint import read_json
+from .checkpoint import read_json, write_json_atomic
 from .convert import save_folder
 from .errors import PipoError
 from .model import Model
@@ -662,13 +662,6 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
 # -- run folder and checkpoints ------------------------------------------------
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def _our_entries(out: Path) -> List[Path]:
     return [
         p
@@ -712,7 +705,7 @@ def start_output(cfg: TrainConfig) -> Path:
         # --force discards the old run; any run drops what a killed one left half-written.
         if cfg.force or p.name.startswith("."):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
-    _write_json_atomic(out / RUN_FILE, {**cfg.identity(), "iters": cfg.iters})
+    write_json_atomic(out / RUN_FILE, {**cfg.identity(), "iters": cfg.iters})
     return out
 
 
@@ -736,7 +729,7 @@ def save_checkpoint(out: Path, step: int, model: Model, optimizer: optim.Optimiz
         tmp.rename(out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _write_json_atomic(out / POINTER_FILE, {"step": step, "dir": name})
+    write_json_atomic(out / POINTER_FILE, {"step": step, "dir": name})
     for old in out.glob("step-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)

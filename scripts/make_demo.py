@@ -41,6 +41,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from pipo_mlx.chunked_delta import fast_training
+from pipo_mlx.checkpoint import write_json_atomic
 from pipo_mlx.corpus import read_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,12 +57,6 @@ HF_NORMS = (  # Qwen3.5 norms stored as w with output normalize(x) * (1 + w)
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def atomic_save(path: Path, arrays: Dict[str, mx.array], metadata: Dict[str, str] = None) -> None:
@@ -214,7 +209,7 @@ def pretrain(args: argparse.Namespace, work: Path, config: dict) -> None:
     def save() -> None:
         atomic_save(out / "model.safetensors", dict(tree_flatten(model.parameters())))
         atomic_save(out / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
-        atomic_write_json(state_file, state)  # last: it points at a complete pair
+        write_json_atomic(state_file, state)  # last: it points at a complete pair
 
     model.train()
     loss_and_grad = nn.value_and_grad(model, lm_loss)
@@ -383,7 +378,7 @@ def pinned_tokenizer(work: Path) -> Path:
     shutil.copytree(work / "tokenizer", dst)
     config = json.loads((dst / "tokenizer_config.json").read_text())
     config["auto_map"] = {"AutoTokenizer": [None, config["tokenizer_class"]]}
-    atomic_write_json(dst / "tokenizer_config.json", config)
+    write_json_atomic(dst / "tokenizer_config.json", config)
     return dst
 
 
