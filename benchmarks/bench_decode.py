@@ -56,7 +56,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step as mlx_generate_step
 from mlx_lm.generate import generation_stream
 from mlx_lm.generate import stream_generate as mlx_stream_generate
@@ -66,6 +66,7 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 from mlx_lm.utils import quantize_model
 
 from pipo_mlx import load
+from pipo_mlx.convert import cast
 from pipo_mlx.generate import generate_step, make_prompt_cache, make_token2_head, stream_generate
 from pipo_mlx.model import Model, ModelArgs
 
@@ -117,7 +118,11 @@ def qwen35_args(hidden: int, layers: int, vocab: int) -> ModelArgs:
 
 
 def count(module: nn.Module) -> int:
-    """Parameters, a quantized matrix counted by its logical size."""
+    """Parameters, a quantized matrix counted by its logical size.
+
+    Not mlx-lm's get_total_parameters: that counts leaf modules only and misses
+    the Gated-DeltaNet's own A_log and dt_bias.
+    """
     quantized = {name: m for name, m in module.named_modules() if "scales" in m}
     n = 0
     for key, v in tree_flatten(module.parameters()):
@@ -146,14 +151,7 @@ def with_dtype(model: Model, dtype: str) -> Model:
     """The model cast to float16 or quantized to 4 bits the way mlx-lm does it."""
     if dtype == "4bit":
         return quantize_model(model, {}, 64, 4)[0]
-    target = getattr(mx, dtype)
-    keep = model.cast_predicate
-    model.update(
-        tree_map_with_path(
-            lambda p, v: v.astype(target) if keep(p) and mx.issubdtype(v.dtype, mx.floating) else v,
-            model.parameters(),
-        )
-    )
+    cast(model, getattr(mx, dtype))
     mx.eval(model.parameters())
     return model
 

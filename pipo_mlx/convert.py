@@ -183,6 +183,17 @@ def _tokenizer_source(*folders: Optional[Path]) -> Path:
     )
 
 
+def cast(model: Model, dtype: mx.Dtype) -> None:
+    """Cast floating parameters to `dtype`, except those mlx-lm keeps precise (A_log)."""
+    keep = model.cast_predicate
+    model.update(
+        tree_map_with_path(
+            lambda p, v: v.astype(dtype) if keep(p) and mx.issubdtype(v.dtype, mx.floating) else v,
+            model.parameters(),
+        )
+    )
+
+
 def save_folder(dst: Path, model: Model, config: dict, tokenizer_dir: Path) -> None:
     """Write weights, config and tokenizer to `dst` atomically.
 
@@ -275,15 +286,7 @@ def convert(
     target = DTYPES[dtype] if dtype else DTYPES.get(
         str(config.get("dtype") or config.get("torch_dtype") or text.get("dtype")), mx.float32
     )
-    keep = model.cast_predicate
-    model.update(
-        tree_map_with_path(
-            lambda p, v: v.astype(target)
-            if keep(p) and mx.issubdtype(v.dtype, mx.floating)
-            else v,
-            model.parameters(),
-        )
-    )
+    cast(model, target)
     if quantize:
         model, out_config = quantize_model(model, out_config, q_group_size, q_bits)
 

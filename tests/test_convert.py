@@ -21,7 +21,7 @@ from hf_reference import (
     to_numpy,
     write_checkpoint,
 )
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipo_mlx import PipoError, convert, load
 
