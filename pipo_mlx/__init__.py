@@ -1,20 +1,25 @@
-"""PIPO (Pair-In, Pair-Out) decoding for Qwen3.5 models in MLX."""
+"""PIPO (Pair-In, Pair-Out) decoding for Qwen3.5 models in MLX (docs/design.md)."""
 
-from .convert import convert
+from .chat import ChatSession
+from .conversion import convert
+from .decode import PipoResponse, generate, make_prompt_cache, stream_generate
 from .errors import PipoError
-from .generate import generate, stream_generate
-from .model import Model, ModelArgs, PipoOutput
-from .train import TrainConfig  # the loop itself: pipo_mlx.train.train
-from .utils import load
+from .model import PipoModel, PipoOutput
+from .model_io import load
+from .token2_head import make_token2_head
+from .train_config import TrainConfig  # the loop itself: pipo_mlx.trainer.train
 
 __all__ = [
-    "Model",
-    "ModelArgs",
+    "ChatSession",
     "PipoError",
+    "PipoModel",
     "PipoOutput",
+    "PipoResponse",
     "TrainConfig",
     "convert",
     "generate",
     "load",
+    "make_prompt_cache",
+    "make_token2_head",
     "stream_generate",
 ]

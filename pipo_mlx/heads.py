@@ -1,7 +1,7 @@
-"""The three small modules PIPO adds to a Qwen3.5 backbone.
+"""The three small modules PIPO adds to a backbone.
 
-Key names follow the published checkpoints (see PIPO_SPEC.md section 2), so a
-converted state dict loads into these modules without renaming.
+Key names follow the published checkpoints (docs/design.md §2), so a converted
+state dict loads into these modules without renaming.
 """
 
 from typing import Any, List, Optional
@@ -9,7 +9,6 @@ from typing import Any, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.qwen3_5 import DecoderLayer, TextModelArgs
 
 COMPRESSOR_TYPES = ("linear", "mlp")
 
@@ -59,16 +58,13 @@ class Compressor(nn.Module):
 class MTPHead(nn.Module):
     """Drafts token2 from the backbone state h_i and the embedding of token1."""
 
-    def __init__(self, args: TextModelArgs, num_layers: int = 1):
+    def __init__(self, args: Any, layers: List[nn.Module]):
         super().__init__()
         h, eps = args.hidden_size, args.rms_norm_eps
         self.pre_fc_norm_embedding = nn.RMSNorm(h, eps=eps)
         self.pre_fc_norm_hidden = nn.RMSNorm(h, eps=eps)
         self.fc = nn.Linear(2 * h, h, bias=False)
-        # mlx-lm picks the layer kind from its index; the last index of an
-        # interval is the full-attention kind, which is what the MTP layer is.
-        full_idx = args.full_attention_interval - 1
-        self.layers = [DecoderLayer(args, full_idx) for _ in range(num_layers)]
+        self.layers = layers  # full-attention decoder layers of the backbone's kind
         self.norm = nn.RMSNorm(h, eps=eps)
 
     def __call__(

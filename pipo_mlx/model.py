@@ -1,31 +1,36 @@
-"""The PIPO model: mlx-lm's Qwen3.5 text model plus compressor, MTP and confidence heads.
+"""The PIPO model: a backbone's text model plus compressor, MTP and confidence heads.
 
-The backbone is mlx-lm's own `TextModel`, so its parameters keep mlx-lm's names
-(`model.*`, `lm_head.*`) and its cache classes, quantization and LoRA tooling
-apply unchanged. The heads sit beside it under their checkpoint names.
+`PipoModel` is mixed into a backbone's own mlx-lm text model class (see
+`backbones/`), so the backbone keeps mlx-lm's parameter names (`model.*`,
+`lm_head.*`), caches, quantization and LoRA tooling; the heads sit beside it
+under their checkpoint names (docs/design.md §2).
 """
 
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
-from mlx_lm.models.qwen3_5 import TextModel, TextModelArgs
 
+from .errors import PipoError
 from .heads import Compressor, ConfidenceHead, MTPHead
 
-QWEN35_PAD_TOKEN_ID = 248044
 HEAD_PREFIXES = ("compressor.", "mtp.", "confidence_head.")
 
 
 @dataclass
-class ModelArgs(TextModelArgs):
+class PipoArgs:
+    """The PIPO fields, mixed into a backbone's argument dataclass."""
+
     compressor_type: str = "mlp"
     mtp_num_hidden_layers: int = 1
-    pad_token_id: int = QWEN35_PAD_TOKEN_ID
+    # None until known: `model_io.load` fills it from the tokenizer when the
+    # config has none (docs/design.md §3).
+    pad_token_id: Optional[int] = None
 
     @classmethod
-    def from_dict(cls, params: Dict[str, Any]) -> "ModelArgs":
+    def from_dict(cls, params: Dict[str, Any]) -> "PipoArgs":
         # A converted config is the backbone's text config with the PIPO fields
         # in a `pipo` section of their own.
         flat = {k: v for k, v in params.items() if k != "pipo"}
@@ -42,19 +47,34 @@ class PipoOutput:
     mtp_hidden: mx.array  # [B, L-1, H]: MTP output after its norm
 
 
-def _is_norm_weight(key: str) -> bool:
-    parts = key.split(".")
-    return parts[-1] == "weight" and "norm" in parts[-2]
+class PipoModel(nn.Module):
+    """Mixed in before a backbone's text model class, which provides `model`
+    (with `embed_tokens`), `lm_head` when untied, `layers` and `make_cache`."""
 
-
-class Model(TextModel):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: PipoArgs):
         super().__init__(args)
         self.compressor = Compressor(args.hidden_size, args.compressor_type)
-        self.mtp = MTPHead(args, args.mtp_num_hidden_layers)
+        self.mtp = MTPHead(
+            args, [self.mtp_layer(args) for _ in range(args.mtp_num_hidden_layers)]
+        )
         self.confidence_head = ConfidenceHead(args.hidden_size, args.rms_norm_eps)
 
-    # -- building blocks, shared by the teacher-forced pass, the generator and training
+    @staticmethod
+    def mtp_layer(args: Any) -> nn.Module:
+        """One decoder layer of the MTP head; each backbone says which kind."""
+        raise NotImplementedError
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.args.pad_token_id
+        if pad is None:
+            raise PipoError(
+                "the model has no PAD token id: load it with pipo_mlx.load, which reads "
+                "it from the tokenizer, or set model.args.pad_token_id"
+            )
+        return pad
+
+    # -- building blocks, shared by the teacher-forced pass, the decoder and training
 
     def embed(self, ids: mx.array) -> mx.array:
         return self.model.embed_tokens(ids)
@@ -117,24 +137,7 @@ class Model(TextModel):
     # -- checkpoints
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        """Map an HF-layout PIPO state dict (either key layout) to this module's names.
-
-        Already converted weights pass through unchanged: like mlx-lm, we tell an
-        HF checkpoint by its unconverted conv1d layout.
-        """
-        from_hf = any(
-            "conv1d.weight" in k and v.shape[-1] != 1 for k, v in weights.items()
-        )
-        heads, backbone = {}, {}
-        for k, v in weights.items():
-            if k.startswith(HEAD_PREFIXES):
-                heads[k] = v
-            elif k.startswith(("model.visual", "vision_tower")):
-                continue
-            else:
-                backbone[k.replace("model.language_model.", "model.", 1)] = v
-        backbone = super().sanitize(backbone)
-        if from_hf:
-            # HF Qwen3.5 norms scale by (1 + w); MLX's RMSNorm scales by w.
-            heads = {k: v + 1.0 if _is_norm_weight(k) else v for k, v in heads.items()}
-        return {**backbone, **heads}
+        """The backbone's own sanitize for its keys; head keys pass through."""
+        heads = {k: v for k, v in weights.items() if k.startswith(HEAD_PREFIXES)}
+        backbone = {k: v for k, v in weights.items() if not k.startswith(HEAD_PREFIXES)}
+        return {**super().sanitize(backbone), **heads}

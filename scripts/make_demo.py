@@ -40,9 +40,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from pipo_mlx.chunked_delta import fast_training
-from pipo_mlx.checkpoint import write_json_atomic
+from pipo_mlx.backbones.qwen3_5 import fast_training
 from pipo_mlx.corpus import read_split
+from pipo_mlx.model_io import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 PAD, EOS = "<|pad|>", "<|endoftext|>"
@@ -276,7 +276,7 @@ def seed_mtp(weights: Dict[str, mx.array], config: dict) -> Dict[str, mx.array]:
     """HF-layout `mtp.*` weights for a model pretrained without an MTP head.
 
     Real Qwen3.5 checkpoints ship a trained MTP head, the natural start for
-    PIPO's (PIPO_SPEC.md section 2); ours has none. The closest thing we have
+    PIPO's (docs/design.md §2); ours has none. The closest thing we have
     is the backbone's last full-attention layer: the MTP layer starts as a copy
     of it, fed with the sum of the normalized token1 embedding and hidden
     state, and its output goes through a copy of the final norm. LoRA and the
@@ -312,7 +312,7 @@ def write_hf(work: Path, config: dict) -> None:
 
 def check_round_trip(work: Path, config: dict) -> None:
     """The converted PIPO backbone must compute the pretrained model's logits."""
-    from pipo_mlx.utils import load
+    from pipo_mlx import load
 
     valid = np.load(work / "tokens" / "valid.npy")
     ids = mx.array(valid[None, :256].astype(np.int32))
@@ -384,10 +384,10 @@ def pinned_tokenizer(work: Path) -> Path:
 
 def ship(work: Path, out: Path, q_bits: int) -> None:
     from mlx_lm.models.qwen3_5 import Model as MlxLmQwen35, ModelArgs as MlxLmArgs
-    from mlx_lm.utils import quantize_model
+    from mlx_lm.utils import load_tokenizer, quantize_model
 
-    from pipo_mlx.convert import save_folder
-    from pipo_mlx.utils import load
+    from pipo_mlx import load
+    from pipo_mlx.model_io import save_folder
 
     hf_config = json.loads((work / "hf" / "config.json").read_text())
     # mlx-lm builds Qwen3.5 from model_type "qwen3_5" (text_config may be flat).
@@ -395,7 +395,7 @@ def ship(work: Path, out: Path, q_bits: int) -> None:
     base = MlxLmQwen35(MlxLmArgs.from_dict(base_config))
     base.load_weights(list(base.sanitize(mx.load(str(work / "hf" / "model.safetensors"))).items()))
     base, base_config = quantize_model(base, base_config, 64, q_bits)
-    tokenizer = pinned_tokenizer(work)
+    tokenizer = load_tokenizer(pinned_tokenizer(work))
     save_folder(out / "base-stdlib", base, base_config, tokenizer)
 
     fused = work / "heads" / "fused"

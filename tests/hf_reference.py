@@ -2,7 +2,7 @@
 
 `transformers` provides the Qwen3.5 backbone (and the MTP's decoder layer, which
 is a Qwen3.5 full-attention layer). The compressor, the MTP wiring and the
-confidence head are written here in PyTorch from PIPO_SPEC.md, in the HF
+confidence head are written here in PyTorch from docs/design.md §2, in the HF
 convention (RMSNorm scales by 1 + w). Checkpoints are written in the real HF
 layout, tokenizer included.
 """

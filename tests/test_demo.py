@@ -9,8 +9,8 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from pipo_mlx.generate import generate_step
-from pipo_mlx.utils import load
+from pipo_mlx import load
+from pipo_mlx.decode import generate_step
 
 MODELS = Path(os.environ.get("PIPO_DEMO_MODELS", Path(__file__).resolve().parents[1] / "models"))
 PIPO, BASE = MODELS / "pipo-stdlib", MODELS / "base-stdlib"

@@ -3,7 +3,7 @@
 The reference recomputes everything each step with the teacher-forced pass
 (`Model.__call__`, checked against Hugging Face in the model tests): no caches,
 no chunks, no fusing, no async, an evaluation after every phase. It follows
-PIPO_SPEC.md section 4 plus the two rules pipo_mlx/generate.py documents:
+docs/design.md §4-5, including the two rules decided where the paper is silent:
 processors see every token read (PADs included), and PAD is never sampled
 unless it is an EOS token.
 """
@@ -20,7 +20,7 @@ from hf_reference import random_ids
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from pipo_mlx import PipoError, generate, load, stream_generate
-from pipo_mlx.generate import ChatSession, make_prompt_cache
+from pipo_mlx import ChatSession, make_prompt_cache
 from pipo_mlx.heads import ConfidenceHead, MTPHead
 
 PAD_TEXT = "<|endoftext|>"

@@ -1,6 +1,5 @@
 """generate.py: figures, chat, model resolution and every bad input, mostly in-process."""
 
-import importlib
 import io
 import runpy
 import shutil
@@ -11,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
+import pipo_mlx.chat
+import pipo_mlx.cli.generate as gen
 from pipo_mlx import generate, load
-
-# The package's `generate` attribute is the function (as in mlx-lm), so reach
-# the module through the import system.
-gen = importlib.import_module("pipo_mlx.generate")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -103,7 +100,7 @@ def test_chat_loop(mlx_pipo, monkeypatch, capsys):
 
 
 def test_ctrl_c_prints_what_was_produced(mlx_pipo, monkeypatch, capsys):
-    real = gen.stream_generate
+    real = pipo_mlx.chat.stream_generate
     shown = []
 
     def interrupted(*args, **kwargs):
@@ -113,7 +110,7 @@ def test_ctrl_c_prints_what_was_produced(mlx_pipo, monkeypatch, capsys):
             shown.append(response.text)
             yield response
 
-    monkeypatch.setattr(gen, "stream_generate", interrupted)
+    monkeypatch.setattr(pipo_mlx.chat, "stream_generate", interrupted)
     code, out, err = cli(
         monkeypatch, capsys, "--model", str(mlx_pipo), "--prompt", "hi", "--max-tokens", "50"
     )
@@ -151,7 +148,7 @@ def test_sigint_during_generation_exits_cleanly(mlx_pipo):
 def test_hub_repo_is_converted_once(mlx_pipo, monkeypatch, tmp_path):
     calls = []
 
-    def fake_convert(src, dst):  # stands in for the download and conversion
+    def fake_convert(src, dst, **options):  # stands in for the download and conversion
         calls.append(src)
         shutil.copytree(mlx_pipo, dst)
 
@@ -184,7 +181,7 @@ def test_hub_repo_is_converted_once(mlx_pipo, monkeypatch, tmp_path):
     ],
 )
 def test_bad_input(hf_pipo, mlx_pipo, tmp_path, monkeypatch, capsys, argv, message):
-    monkeypatch.setattr(gen, "DEFAULT_MODEL", tmp_path / "no-demo")
+    monkeypatch.setattr(gen, "DEMO_PLACES", (tmp_path / "no-demo",))
     paths = {
         "{missing}": str(tmp_path / "nothing"),
         "{hf}": str(hf_pipo[1]),

@@ -16,7 +16,8 @@ from hf_reference import random_ids
 from mlx_lm.sample_utils import make_sampler
 
 from pipo_mlx import PipoError, load
-from pipo_mlx.generate import generate_step, make_token2_head
+from pipo_mlx.decode import generate_step
+from pipo_mlx.token2_head import make_token2_head
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = random_ids(1, 11, seed=7)[0].tolist()  # odd: the pairing PAD is in play too

@@ -18,8 +18,13 @@ import torch
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from pipo_mlx import load
-from pipo_mlx import train as T
-from pipo_mlx.train import IGNORE, Example, TrainConfig, pair_layout
+from pipo_mlx import trainer as T
+from pipo_mlx.adapters import grad_checkpointing, setup_trainable
+from pipo_mlx.backbones.qwen3_5 import LORA_KEYS
+from pipo_mlx.data import IGNORE, Example, _epoch_order, load_data, load_dataset, pair_layout
+from pipo_mlx.losses import chunked_cross_entropy, pipo_losses, with_grad
+from pipo_mlx.train_config import TrainConfig
+from pipo_mlx.train_state import restore_checkpoint
 
 PAD = 0
 WORDS = (
@@ -131,7 +136,7 @@ def test_pad_augmentation_splits_completion_pairs_only():
 def test_batches_are_a_function_of_seed_and_step(data, mlx_pipo):
     _, tok = load(str(mlx_pipo))
     cfg = config(mlx_pipo, data, "unused", max_pad_ratio=0.5)
-    examples, _ = T.load_data(str(data), tok, PAD, cfg)
+    examples, _ = load_data(str(data), tok, PAD, cfg)
     a, b = T.train_batch(examples, 7, cfg, PAD), T.train_batch(examples, 7, cfg, PAD)
     assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a[:2], b[:2]))
     c = T.train_batch(examples, 8, cfg, PAD)
@@ -142,7 +147,7 @@ def test_batches_are_a_function_of_seed_and_step(data, mlx_pipo):
     for k in range(n):
         for p in range(k * cfg.batch_size, (k + 1) * cfg.batch_size):
             seen.append(
-                int(T._epoch_order(cfg.seed, p // len(examples), len(examples))[p % len(examples)])
+                int(_epoch_order(cfg.seed, p // len(examples), len(examples))[p % len(examples)])
             )
     assert sorted(seen) == list(range(n * cfg.batch_size))
     # within a row, PAD is only ever a pair's second token and its label is ignored
@@ -173,7 +178,7 @@ def test_record_formats_and_completion_only_labels(tmp_path, mlx_pipo):
         )
         + "\n\n"
     )
-    text, pc, chat = T.load_dataset(path, tok, PAD, 256, "refuse")
+    text, pc, chat = load_dataset(path, tok, PAD, 256, "refuse")
     assert text.prompt_len == 0 and text.tokens[-1] == tok.eos_token_id
     assert tok.decode(text.tokens[:-1].tolist()) == "def add(a, b):"
     for ex in (pc, chat):
@@ -241,7 +246,7 @@ def test_losses_equal_an_independent_computation(hf_pipo, mlx_pipo):
     z = out["confidence"][l2 != IGNORE].astype(np.float64)
     want_conf = (np.logaddexp(0, z) - target * z).mean()
 
-    terms, stats = T.pipo_losses(model, mx.array(ids), mx.array(labels), chunk_size=3)
+    terms, stats = pipo_losses(model, mx.array(ids), mx.array(labels), chunk_size=3)
     assert stats["n1"] == (l1 != IGNORE).sum() and stats["n2"] == (l2 != IGNORE).sum()
     assert terms["lm"].item() == pytest.approx(want_lm, rel=1e-4)
     assert terms["mtp"].item() == pytest.approx(want_mtp, rel=1e-4)
@@ -273,7 +278,7 @@ def _naive_loss(model, ids, labels):
 
 def test_chunked_gradients_equal_whole_logits_gradients(mlx_pipo, tmp_path):
     model, tok = load(str(mlx_pipo))
-    T.setup_trainable(model, config(mlx_pipo, tmp_path, tmp_path))
+    setup_trainable(model, config(mlx_pipo, tmp_path, tmp_path))
     # make LoRA B non-zero so every adapter has a gradient path
     model.update(
         tree_map_with_path(
@@ -283,7 +288,7 @@ def test_chunked_gradients_equal_whole_logits_gradients(mlx_pipo, tmp_path):
     ids, labels = map(mx.array, _batch(tok))
 
     def chunked(ids, labels):
-        t, _ = T.pipo_losses(model, ids, labels, chunk_size=5)
+        t, _ = pipo_losses(model, ids, labels, chunk_size=5)
         return t["lm"] + 0.5 * t["mtp"] + 2.0 * t["conf"]
 
     v1, g1 = nn.value_and_grad(model, chunked)(ids, labels)
@@ -298,13 +303,13 @@ def test_chunked_gradients_equal_whole_logits_gradients(mlx_pipo, tmp_path):
 
 def test_grad_checkpoint_gives_the_same_gradients(mlx_pipo, tmp_path):
     model, tok = load(str(mlx_pipo))
-    T.setup_trainable(model, config(mlx_pipo, tmp_path, tmp_path))
+    setup_trainable(model, config(mlx_pipo, tmp_path, tmp_path))
     ids, labels = map(mx.array, _batch(tok))
-    fn = nn.value_and_grad(model, lambda i, l: sum(T.pipo_losses(model, i, l, 8)[0].values()))
+    fn = nn.value_and_grad(model, lambda i, l: sum(pipo_losses(model, i, l, 8)[0].values()))
     model.train()
     v1, g1 = fn(ids, labels)
     original = type(model.layers[0]).__call__
-    with T._grad_checkpointing(model, True):
+    with grad_checkpointing(model, True):
         assert type(model.layers[0]).__call__ is not original
         v2, g2 = fn(ids, labels)
     assert type(model.layers[0]).__call__ is original
@@ -324,8 +329,8 @@ def test_cross_entropy_never_holds_the_whole_logits():
 
     def loss(P):
         x = x0 @ P
-        mean, grad, *_ = T.chunked_cross_entropy(lambda a: a @ W.T, x, t, chunk)
-        return T._with_grad(mean, x, grad)
+        mean, grad, *_ = chunked_cross_entropy(lambda a: a @ W.T, x, t, chunk)
+        return with_grad(mean, x, grad)
 
     mx.reset_peak_memory()
     base = mx.get_active_memory()
@@ -348,7 +353,7 @@ def test_cross_entropy_never_holds_the_whole_logits():
 def _grads_by_term(model, ids, labels):
     out = {}
     for term in ("lm", "mtp", "conf"):
-        _, g = nn.value_and_grad(model, lambda i, l: T.pipo_losses(model, i, l, 8)[0][term])(
+        _, g = nn.value_and_grad(model, lambda i, l: pipo_losses(model, i, l, 8)[0][term])(
             ids, labels
         )
         out[term] = {k: float(mx.abs(v).max()) for k, v in tree_flatten(g)}
@@ -357,7 +362,7 @@ def _grads_by_term(model, ids, labels):
 
 def test_gradients_reach_exactly_the_trainable_set(mlx_pipo, tmp_path):
     model, tok = load(str(mlx_pipo))
-    T.setup_trainable(model, config(mlx_pipo, tmp_path, tmp_path))
+    setup_trainable(model, config(mlx_pipo, tmp_path, tmp_path))
     trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
     assert {k.split(".")[0] for k in trainable} == {"model", "compressor", "mtp", "confidence_head"}
     assert not any("embed_tokens" in k or "lm_head" in k for k in trainable)
@@ -365,7 +370,7 @@ def test_gradients_reach_exactly_the_trainable_set(mlx_pipo, tmp_path):
     assert backbone and all(k.endswith(("lora_a", "lora_b")) for k in backbone)
     # LoRA exactly on the published target names: MLPs everywhere, q/k/v/o where they exist
     wrapped = {k.rsplit(".", 1)[0].split(".", 3)[-1] for k in backbone}
-    assert wrapped == set(T.LORA_KEYS)
+    assert wrapped == set(LORA_KEYS)
     assert not any("linear_attn" in k for k in trainable)
     mtp_layer = {k for k in trainable if k.startswith("mtp.layers.0.")}
     assert all(k.endswith(("lora_a", "lora_b")) or "norm" in k for k in mtp_layer)
@@ -507,8 +512,8 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(mlx_pipo, data, tmp_
     saved, step = adapters(out)
     assert step == 2 and sorted(p.name for p in out.glob("step-*")) == ["step-0000002"]
     model, _ = load(str(mlx_pipo))
-    T.setup_trainable(model, config(mlx_pipo, data, out))
-    assert T.restore_checkpoint(out, model, T.make_optimizer(config(mlx_pipo, data, out))) == 2
+    setup_trainable(model, config(mlx_pipo, data, out))
+    assert restore_checkpoint(out, model, T.make_optimizer(config(mlx_pipo, data, out))) == 2
 
 
 def test_fuse_writes_a_model_that_loads_and_generates(mlx_pipo, data, tmp_path):
@@ -520,8 +525,8 @@ def test_fuse_writes_a_model_that_loads_and_generates(mlx_pipo, data, tmp_path):
 
     # the unfused path: base model + LoRA + the checkpoint's weights
     unfused, _ = load(str(mlx_pipo))
-    T.setup_trainable(unfused, config(mlx_pipo, data, out))
-    T.restore_checkpoint(out, unfused, T.make_optimizer(config(mlx_pipo, data, out)))
+    setup_trainable(unfused, config(mlx_pipo, data, out))
+    restore_checkpoint(out, unfused, T.make_optimizer(config(mlx_pipo, data, out)))
     unfused.eval()
     base, _ = load(str(mlx_pipo))
     ids = mx.array(_batch(tok)[0])
@@ -545,7 +550,7 @@ def test_bfloat16_models_train_float32_heads_and_fuse_back(hf_pipo, tmp_path):
     data = write_data(
         tmp_path / "data", cyclic_records(8, 0)
     )  # no valid.jsonl: bf16 is slow on CPU
-    T.train(config(src, data, tmp_path / "run", iters=2, batch_size=2, fuse=True))
+    T.train(config(src, data, tmp_path / "run", iters=2, warmup=1, batch_size=2, fuse=True))
     fused, _ = load(str(tmp_path / "run" / "fused"))
     assert {v.dtype for _, v in tree_flatten(fused.compressor.parameters())} == {mx.bfloat16}
     assert fused.model.layers[0].mlp.gate_proj.weight.dtype == mx.bfloat16

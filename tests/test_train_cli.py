@@ -11,7 +11,9 @@ import mlx.core as mx
 import pytest
 
 from pipo_mlx import load
-from pipo_mlx import train as T
+from pipo_mlx import trainer as T
+from pipo_mlx.adapters import setup_trainable
+from pipo_mlx.train_state import restore_checkpoint
 from test_train import adapters, config, cyclic_records, interrupt_at, write_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,8 +237,8 @@ def test_a_killed_run_loses_only_the_steps_since_its_checkpoint(
 
     # and the killed folder resumes from that checkpoint
     model, _ = load(str(mlx_pipo))
-    T.setup_trainable(model, config(mlx_pipo, data, out, **kw))
+    setup_trainable(model, config(mlx_pipo, data, out, **kw))
     assert (
-        T.restore_checkpoint(out, model, T.make_optimizer(config(mlx_pipo, data, out, **kw)))
+        restore_checkpoint(out, model, T.make_optimizer(config(mlx_pipo, data, out, **kw)))
         == step
     )

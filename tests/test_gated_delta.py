@@ -6,7 +6,8 @@ import numpy as np
 from mlx_lm.models.gated_delta import compute_g, gated_delta_ops, normalize_qk
 from mlx_lm.models.qwen3_5 import TextModel, TextModelArgs
 
-from pipo_mlx.chunked_delta import chunked_gated_delta, fast_training
+from pipo_mlx.backbones.qwen3_5 import fast_training
+from pipo_mlx.gated_delta import chunked_gated_delta
 
 
 def _inputs(B=2, T=45, Hk=2, Hv=4, Dk=32, Dv=16):

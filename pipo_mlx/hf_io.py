@@ -5,9 +5,8 @@ these are the places where a user's input is wrong.
 """
 
 import json
-import os
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import mlx.core as mx
 
@@ -73,13 +72,6 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON under a temporary name and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def load_safetensors(path: Path) -> Dict[str, mx.array]:
     try:
         return mx.load(str(path))
@@ -113,64 +105,16 @@ def load_weights(
     return weights, origin
 
 
-def text_config(config: dict, config_path: Path) -> dict:
-    """The backbone's text config from either config shape, with the layer pattern
-    checked the way mlx-lm will build it."""
-    outer_type = config.get("model_type")
+def flat_text_config(config: dict) -> dict:
+    """The text model's config from a nested (multimodal) or flat config.
+
+    Outer fields (tie flag, eos, PIPO options) apply to the text model too.
+    """
     text = dict(config.get("text_config") or config)
     text.pop("text_config", None)
     text.pop("vision_config", None)
-    # Outer fields (tie flag, eos, PIPO options) apply to the text model too.
     for key, value in config.items():
         if key not in ("text_config", "vision_config", "model_type", "architectures"):
             text.setdefault(key, value)
-    kind = text.get("model_type", outer_type)
-    if not str(kind).startswith("qwen3_5") or "moe" in str(kind):
-        raise PipoError(
-            f"{config_path}: model_type {kind!r} is not a dense Qwen3.5 model; "
-            "PIPO checkpoints are built on Qwen3.5 (qwen3_5 / qwen3_5_text)"
-        )
-    text["model_type"] = "qwen3_5_text"
-    for field in ("hidden_size", "num_hidden_layers", "vocab_size"):
-        if not isinstance(text.get(field), int):
-            raise PipoError(f"{config_path} lacks the integer field {field!r}; restore the file")
-    if "rope_parameters" not in text and "rope_theta" in text:
-        text["rope_parameters"] = {
-            "type": "default",
-            "rope_theta": text["rope_theta"],
-            "partial_rotary_factor": text.get("partial_rotary_factor", 0.25),
-        }
-
-    layer_types = text.get("layer_types")
-    if layer_types:
-        n = text["num_hidden_layers"]
-        full = [i for i, t in enumerate(layer_types) if t == "full_attention"]
-        interval = full[0] + 1 if full else 0
-        expected = [
-            "full_attention" if interval and (i + 1) % interval == 0 else "linear_attention"
-            for i in range(n)
-        ]
-        if len(layer_types) != n or layer_types != expected:
-            raise PipoError(
-                f"{config_path}: layer_types is not one full-attention layer every k "
-                "layers, which is the only pattern mlx-lm's Qwen3.5 builds"
-            )
-        given = text.get("full_attention_interval")
-        if given is not None and given != interval:
-            print(
-                f"[WARN] {config_path}: full_attention_interval={given} disagrees with "
-                f"layer_types; using {interval} from layer_types"
-            )
-        text["full_attention_interval"] = interval
+    text.setdefault("model_type", config.get("model_type"))
     return text
-
-
-def read_pad_token_id(text: dict, tokenizer_dir: Path) -> Optional[int]:
-    """The config's pad token, else the tokenizer's (Qwen3.5: 248044)."""
-    pad = text.get("pad_token_id")
-    if isinstance(pad, int):
-        return pad
-    from mlx_lm.utils import load_tokenizer
-
-    pad = load_tokenizer(tokenizer_dir).pad_token_id
-    return pad if isinstance(pad, int) else None

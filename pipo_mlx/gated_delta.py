@@ -15,18 +15,15 @@ The layers' depthwise causal conv1d (kernel 4) is the next biggest CPU cost:
 MLX's grouped convolution is several times slower, forward and backward, than
 the same thing written as K shifted multiply-adds.
 
-`fast_training(model)` applies both to a Qwen3.5 model for the duration of a
-block; the inference path (caches, masks, Metal kernels) is left untouched and
-the parameters keep their names and shapes.
+`backbones.qwen3_5.fast_training` routes a Qwen3.5 model's training calls
+through both (docs/design.md §8); the inference path is left untouched.
 """
 
 import math
-from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx_lm.models.qwen3_5 as qwen3_5
 
 CHUNK = 64
 
@@ -112,20 +109,6 @@ def chunked_gated_delta(
     return y.transpose(0, 2, 1, 3).astype(dtype), s.swapaxes(-1, -2)
 
 
-_original_update = qwen3_5.gated_delta_update
-
-
-def _training_update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, *, use_kernel=True, **kw):
-    if use_kernel or mask is not None or kw:
-        return _original_update(
-            q, k, v, a, b, A_log, dt_bias, state, mask, use_kernel=use_kernel, **kw
-        )
-    # The log of mlx-lm's gate exp(-exp(A_log) * softplus(a + dt_bias)),
-    # computed directly so a strong decay cannot underflow to log(0).
-    log_g = -mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias)
-    return chunked_gated_delta(q, k, v, log_g, mx.sigmoid(b), state)
-
-
 class ShiftConv1d(nn.Conv1d):
     """A depthwise, unpadded Conv1d as K shifted products (same weight layout)."""
 
@@ -136,25 +119,3 @@ class ShiftConv1d(nn.Conv1d):
         for j in range(1, kernel):
             y = y + x[:, j : j + steps] * self.weight[:, j, 0]
         return y
-
-
-@contextmanager
-def fast_training(model: nn.Module) -> Iterator[None]:
-    """Inside this block, `model`'s Gated DeltaNet layers train in chunked form.
-
-    Only training-mode, unmasked, cache-free calls change route; outputs agree
-    with mlx-lm's loop to float32 rounding (tests/test_chunked_delta.py).
-    """
-    convs = [
-        m for _, m in model.named_modules()
-        if isinstance(m, qwen3_5.GatedDeltaNet) and type(m.conv1d) is nn.Conv1d
-    ]
-    qwen3_5.gated_delta_update = _training_update
-    for m in convs:
-        m.conv1d.__class__ = ShiftConv1d
-    try:
-        yield
-    finally:
-        qwen3_5.gated_delta_update = _original_update
-        for m in convs:
-            m.conv1d.__class__ = nn.Conv1d

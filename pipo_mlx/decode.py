@@ -1,0 +1,368 @@
+"""PIPO decoding: chunked prefill and a fused, pipelined decode loop (docs/design.md §5).
+
+The shape follows mlx-lm: `generate_step` yields token ids, `stream_generate`
+yields `GenerationResponse`s, `generate` returns the text. Every decode step is
+one lazy graph: compress the last pair, one backbone position, sample token1,
+one MTP position on embed(token1), sample token2, gate token2 into PAD. It is
+evaluated once, and the next step is queued with `mx.async_eval` before the
+host reads this step's tokens, so the device never waits for Python.
+
+Two rules the paper leaves open are decided here (docs/design.md §4): logits
+processors see every token the backbone has read or is about to read, PADs
+included, because whether a token2 is kept is only known on the device; and
+PAD is never sampled (unless the tokenizer counts it as end-of-sequence), so
+a PAD in the stream always means "token2 dropped" and never reaches the text.
+"""
+
+import itertools
+import math
+import numbers
+import time
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Any, Generator, Iterable, List, NamedTuple, Optional, Tuple, Union
+
+import mlx.core as mx
+from mlx_lm.generate import GenerationResponse, generation_stream, wired_limit
+from mlx_lm.sample_utils import LogitsProcessor, Sampler, greedy_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .errors import PipoError
+from .model import PipoModel
+from .token2_head import DEFAULT_TOKEN2_HEAD, Token2Head, make_token2_head
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_CONF_THRESHOLD = 0.95  # the paper's evaluation setting
+DEFAULT_PREFILL_STEP_SIZE = 2048
+
+
+@dataclass
+class PromptCache:
+    """Model caches that carry a conversation across `stream_generate` calls.
+
+    Make one with `make_prompt_cache(model)`. After a call the backbone holds
+    every token in `tokens`. The MTP entry of the last pair needs the first token
+    of the pair after it, which the next call brings, so it is left out and
+    `last_hidden` keeps the backbone state it will be computed from.
+    """
+
+    layers: List[Any]  # model.make_cache(): the backbone's caches, then the MTP's
+    tokens: List[int] = field(default_factory=list)  # ids the backbone has read, PADs included
+    last_hidden: Optional[mx.array] = None
+    uses_mtp: Optional[bool] = None  # False once filled with conf_threshold >= 1
+
+
+def make_prompt_cache(model: PipoModel) -> PromptCache:
+    return PromptCache(model.make_cache())
+
+
+@dataclass
+class PipoResponse(GenerationResponse):
+    """mlx-lm's `GenerationResponse` plus the PIPO figures of the call so far.
+
+    `from_draft` is True for a token2 (drafted by the MTP head and kept).
+    """
+
+    steps: int = 0  # decode steps: backbone positions run for generated tokens
+    token2_kept: int = 0
+    time_to_first_token: float = 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.generation_tokens / max(self.steps, 1)
+
+    @property
+    def keep_rate(self) -> float:
+        return self.token2_kept / max(self.steps, 1)
+
+
+def check_threshold(value: float) -> float:
+    """The confidence threshold, checked: a real number, not NaN."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
+        raise PipoError(
+            f"confidence threshold {value!r} is not a number; use e.g. 0.95 (below 0 "
+            "keeps every drafted token, 1 or more never drafts)"
+        )
+    return float(value)
+
+
+class _Step(NamedTuple):
+    out: mx.array  # [token1, token2, keep]: the only array the host reads
+    pair: mx.array  # [1, 2]: what the next step reads, token2 gated into PAD
+    hidden: mx.array  # [1, 1, H]: backbone state at this step's position
+    remaining: Optional[mx.array]  # token budget left after this step
+    logprobs: Tuple[mx.array, Optional[mx.array]]
+
+
+def _prefill(
+    model: PipoModel,
+    cache: PromptCache,
+    ids: List[int],
+    chunk: int,
+    use_mtp: bool,
+) -> None:
+    """Feed every pair of `ids` except the last, which the first decode step reads.
+
+    The MTP runs teacher-forced one position behind the backbone: position i
+    needs the first token of pair i + 1, known here for all but the last pair.
+    """
+    backbone_cache, mtp_cache = model.split_cache(cache.layers)
+    body = ids[:-2]
+    for start in range(0, len(body), chunk):
+        part = body[start : start + chunk]
+        x = mx.array(part)[None]
+        h = model.hidden(x, backbone_cache)
+        if use_mtp:
+            if cache.last_hidden is None:
+                hidden, firsts = h[:, :-1], x[:, 2::2]
+            else:
+                hidden = mx.concatenate([cache.last_hidden, h[:, :-1]], axis=1)
+                firsts = x[:, 0::2]
+            if hidden.shape[1]:
+                model.draft(firsts, hidden, mtp_cache)
+            cache.last_hidden = h[:, -1:]
+        mx.eval([c.state for c in cache.layers], cache.last_hidden)
+        cache.tokens.extend(part)
+        mx.clear_cache()
+
+
+def generate_step(
+    prompt: Union[mx.array, List[int]],
+    model: PipoModel,
+    *,
+    eos_token_ids: Iterable[int] = (),
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    sampler: Optional[Sampler] = None,
+    logits_processors: Optional[List[LogitsProcessor]] = None,
+    conf_threshold: float = DEFAULT_CONF_THRESHOLD,
+    prompt_cache: Optional[PromptCache] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    token2_head: Union[str, Token2Head] = DEFAULT_TOKEN2_HEAD,
+) -> Generator[Tuple[int, mx.array, bool], None, None]:
+    """Yield (token, logprobs, is_token2) for each generated token, PADs never.
+
+    Stops by itself: an EOS as token1 ends generation and drops token2, an EOS
+    as token2 ends it after token2, and exactly `max_tokens` tokens are yielded
+    at most (-1: no limit). A dropped token2 enters the caches as PAD, so after
+    the call `prompt_cache.tokens` is the prompt plus what was yielded, in pairs.
+    `token2_head` is a `make_token2_head` spec or the head it made.
+    """
+    ids = prompt.tolist() if isinstance(prompt, mx.array) else [int(t) for t in prompt]
+    threshold = check_threshold(conf_threshold)
+    if max_tokens == 0 or max_tokens < -1:
+        raise PipoError(f"max_tokens must be positive (or -1 for no limit), got {max_tokens}")
+    if not ids:
+        raise PipoError("the prompt is empty; give at least one token of text")
+    cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
+    if not isinstance(cache, PromptCache):
+        raise TypeError("prompt_cache must come from pipo_mlx.make_prompt_cache(model)")
+
+    pad = model.pad_token_id
+    if len(ids) % 2:
+        ids = ids + [pad]
+    limit = model.args.max_position_embeddings
+    if len(cache.tokens) + len(ids) > limit:
+        held = f" on top of the {len(cache.tokens)} already in the cache" if cache.tokens else ""
+        raise PipoError(
+            f"the prompt has {len(ids)} tokens{held}, more than the model's context of "
+            f"{limit}; shorten it{' or start a new conversation' if held else ''}"
+        )
+    use_mtp = threshold < 1  # threshold >= 1 never keeps token2: skip the MTP outright
+    if cache.tokens and use_mtp and not cache.uses_mtp:
+        raise PipoError(
+            "this prompt cache was filled with conf_threshold >= 1, so its MTP cache is "
+            "empty; keep that threshold or start a new cache"
+        )
+    cache.uses_mtp = use_mtp if not cache.tokens else cache.uses_mtp and use_mtp
+    if isinstance(token2_head, str):
+        token2_head = make_token2_head(model, token2_head)
+
+    sampler = sampler or greedy_sampler
+    eos = sorted(set(eos_token_ids))
+    eos_ids = mx.array(eos) if eos else None
+    mask_pad = pad not in eos
+    backbone_cache, mtp_cache = model.split_cache(cache.layers)
+
+    def sample(logits: mx.array, history: Optional[mx.array]) -> Tuple[mx.array, mx.array]:
+        for processor in logits_processors or ():
+            logits = processor(history, logits)
+        if mask_pad:
+            logits[:, pad] = -mx.inf
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs).astype(mx.int32), logprobs.squeeze(0)
+
+    def step(
+        pair: mx.array,
+        history: Optional[mx.array],
+        remaining: Optional[mx.array],
+        pending: Optional[mx.array],
+    ) -> _Step:
+        h = model.hidden(pair, backbone_cache)
+        token1, logprobs1 = sample(model.lm_logits(h[:, -1]), history)
+        if use_mtp:
+            hidden, firsts = h, token1[:, None]
+            if pending is not None:  # the prompt's last MTP position, still owed
+                hidden = mx.concatenate([pending, h], axis=1)
+                firsts = mx.concatenate([pair[:, :1], firsts], axis=1)
+            m = model.draft(firsts, hidden, mtp_cache)[:, -1:]
+            if history is not None:
+                history = mx.concatenate([history, token1])
+            token2, logprobs2 = sample(token2_head(m[:, -1]), history)
+            if threshold >= 0:
+                keep = mx.sigmoid(model.confidence(h, m)[:, -1]) >= threshold
+            else:
+                keep = mx.ones_like(token1, dtype=mx.bool_)
+        else:
+            token2, logprobs2 = mx.full(token1.shape, pad, token1.dtype), None
+            keep = mx.zeros_like(token1, dtype=mx.bool_)
+        # The host drops token2 after an EOS token1 or past the budget; the pair
+        # the backbone reads next must drop it too, on the device.
+        if eos_ids is not None:
+            keep = keep & ~mx.any(token1[:, None] == eos_ids, axis=-1)
+        if remaining is not None:
+            remaining = remaining - 1
+            keep = keep & (remaining > 0)
+            remaining = remaining - keep
+        out = mx.concatenate([token1, token2, keep.astype(token1.dtype)])
+        next_pair = mx.stack([token1, mx.where(keep, token2, pad)], axis=1)
+        return _Step(out, next_pair, h, remaining, (logprobs1, logprobs2))
+
+    def queue(s: _Step) -> None:
+        mx.async_eval(s.out, *(lp for lp in s.logprobs if lp is not None))
+
+    chunk = max(2, prefill_step_size - prefill_step_size % 2)
+    with mx.stream(generation_stream):
+        _prefill(model, cache, ids, chunk, use_mtp)
+        pending = cache.last_hidden if use_mtp else None
+        cache.last_hidden = None
+        cache.tokens.extend(ids[-2:])
+        history = mx.array(cache.tokens) if logits_processors else None
+        budget = mx.array([max_tokens]) if max_tokens > 0 else None
+        current = last = step(mx.array([ids[-2:]]), history, budget, pending)
+        queue(current)
+        produced = 0
+        try:
+            for n in itertools.count(1):
+                if history is not None:
+                    history = mx.concatenate([history, current.pair[0]])
+                last = step(current.pair, history, current.remaining, None)
+                queue(last)
+                token1, token2, keep = current.out.tolist()
+                cache.tokens += [token1, token2 if keep else pad]
+                produced += 1
+                yield token1, current.logprobs[0], False
+                if token1 in eos or produced == max_tokens:
+                    break
+                if keep:
+                    produced += 1
+                    yield token2, current.logprobs[1], True
+                    if token2 in eos or produced == max_tokens:
+                        break
+                if n % 256 == 0:
+                    mx.clear_cache()
+                current = last
+        finally:
+            # `last` already read the final pair; its MTP entry used a token1
+            # that will never be committed, so the next call redoes it.
+            if use_mtp:
+                cache.last_hidden = last.hidden
+                for c in mtp_cache:
+                    c.trim(1)
+
+
+def stream_generate(
+    model: PipoModel,
+    tokenizer: Any,
+    prompt: Union[str, mx.array, List[int]],
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    **kwargs: Any,
+) -> Generator[PipoResponse, None, None]:
+    """Yield `PipoResponse`s (text pieces and figures) as tokens are produced.
+
+    `prompt` is text or token ids (apply a chat template first, as with mlx-lm).
+    The other options are those of `generate_step`: `sampler`,
+    `logits_processors`, `conf_threshold`, `prompt_cache`, `prefill_step_size`,
+    `token2_head`.
+    """
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    if isinstance(prompt, str):
+        bos = tokenizer.bos_token
+        prompt = tokenizer.encode(
+            prompt, add_special_tokens=bos is None or not prompt.startswith(bos)
+        )
+    prompt_tokens = prompt.size if isinstance(prompt, mx.array) else len(prompt)
+    eos = tokenizer.eos_token_ids
+    detokenizer = tokenizer.detokenizer
+    tokens = generate_step(prompt, model, eos_token_ids=eos, max_tokens=max_tokens, **kwargs)
+
+    # closing(): a caller that stops early still gets a settled prompt cache.
+    with wired_limit(model, [generation_stream]), closing(tokens):
+        tic = time.perf_counter()
+        n = steps = kept = 0
+        for token, logprobs, from_draft in tokens:
+            if n == 0:
+                ttft = time.perf_counter() - tic
+                tic = time.perf_counter()
+            n += 1
+            kept += from_draft
+            steps += not from_draft
+            finish_reason = None
+            if token in eos or n == max_tokens:
+                finish_reason = "stop" if token in eos else "length"
+                tokens.close()  # settle the prompt cache before the caller can reuse it
+            if token not in eos:
+                detokenizer.add_token(token)
+            if finish_reason:
+                detokenizer.finalize()
+            elapsed = time.perf_counter() - tic
+            yield PipoResponse(
+                text=detokenizer.last_segment,
+                token=token,
+                logprobs=logprobs,
+                from_draft=from_draft,
+                prompt_tokens=prompt_tokens,
+                prompt_tps=prompt_tokens / ttft,
+                generation_tokens=n,
+                generation_tps=n / elapsed if elapsed > 0 else 0.0,
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish_reason,
+                steps=steps,
+                token2_kept=kept,
+                time_to_first_token=ttft,
+            )
+
+
+def generate(
+    model: PipoModel,
+    tokenizer: Any,
+    prompt: Union[str, mx.array, List[int]],
+    verbose: bool = False,
+    **kwargs: Any,
+) -> str:
+    """The whole response text; `verbose` streams it and prints the figures."""
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose:
+        print()
+        print_figures(response)
+    return text
+
+
+def print_figures(response: PipoResponse) -> None:
+    r = response
+    print("=" * 10)
+    print(
+        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec, "
+        f"time to first token {r.time_to_first_token:.3f} s"
+    )
+    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec")
+    print(
+        f"PIPO: {r.steps} steps, {r.tokens_per_step:.2f} tokens per step, "
+        f"token2 kept {r.token2_kept}/{r.steps} ({100 * r.keep_rate:.1f}%)"
+    )
+    print(f"Peak memory: {r.peak_memory:.3f} GB")

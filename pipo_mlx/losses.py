@@ -1,0 +1,168 @@
+"""The supervised PIPO losses, computed without ever holding [tokens, V] logits.
+
+The LM head is frozen, so the gradient of a cross-entropy with respect to the
+head's *input* is all the backward pass needs: `chunked_cross_entropy` computes
+losses and those input gradients a chunk of tokens at a time, eagerly, and
+`with_grad` hands the gradient to autodiff through a zero-valued surrogate term
+(docs/design.md §6).
+"""
+
+from typing import Callable, Dict, Iterator, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .data import IGNORE
+from .model import PipoModel
+
+KEEP_THRESHOLDS = (0.5, 0.8, 0.95)  # reported keep rates, as the paper's τ = 0.95 and two looser
+
+
+def _graph_free(x: mx.array) -> mx.array:
+    """A copy of `x` with no graph behind it.
+
+    Inside a function being differentiated MLX keeps every evaluated array's
+    graph alive; arrays computed from a graph-free copy are freed as soon as
+    they go out of scope, which is what lets chunked_cross_entropy drop each
+    chunk's logits.
+    """
+    return mx.array(np.array(x.astype(mx.float32))).astype(x.dtype)
+
+
+def chunked_cross_entropy(
+    head: Callable[[mx.array], mx.array], x: mx.array, targets: mx.array, chunk_size: int
+) -> Tuple[float, mx.array, np.ndarray, np.ndarray, int]:
+    """Mean cross-entropy of head(x) over the positions whose target is not IGNORE.
+
+    Computed `chunk_size` positions at a time, so at most one chunk's logits
+    exist. Returns (mean, d mean / d x as a graph-free array shaped like x,
+    per-position CE and argmax-hit as NumPy arrays shaped like targets (0 where
+    ignored), number of counted positions).
+    """
+    shape = x.shape
+    flat = _graph_free(x.reshape(-1, shape[-1]))
+    t = np.array(targets).reshape(-1)
+    rows = np.flatnonzero(t != IGNORE)
+    count = max(len(rows), 1)
+
+    def chunk_loss(xc: mx.array, tc: mx.array):
+        logits = head(xc).astype(mx.float32)
+        ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        return ce.sum() / count, (ce, mx.argmax(logits, axis=-1) == tc)
+
+    loss_and_grad = mx.value_and_grad(chunk_loss)
+    ce = np.zeros(t.shape, np.float32)
+    hit = np.zeros(t.shape, bool)
+    grad = np.zeros(flat.shape, np.float32)
+    for s in range(0, len(rows), chunk_size):
+        r = rows[s : s + chunk_size]
+        (_, (c, h)), g = loss_and_grad(flat[mx.array(r)], mx.array(t[r]))
+        # NumPy copies: see _graph_free.
+        ce[r], hit[r], grad[r] = np.array(c), np.array(h), np.array(g.astype(mx.float32))
+    return (
+        float(ce.sum() / count),
+        mx.array(grad).reshape(shape),
+        ce.reshape(targets.shape),
+        hit.reshape(targets.shape),
+        len(rows),
+    )
+
+
+def with_grad(value: float, x: mx.array, grad: mx.array) -> mx.array:
+    """`value`, whose gradient with respect to x is `grad`: the added term is zero."""
+    return value + ((x - mx.stop_gradient(x)) * grad).sum()
+
+
+def pipo_losses(
+    model: PipoModel, ids: mx.array, labels: mx.array, chunk_size: int
+) -> Tuple[Dict[str, mx.array], Dict[str, float]]:
+    """The three PIPO losses for one batch, and sums for the reports.
+
+    lm:   CE of LM-head(h[:, :-1]) against labels[:, 2::2] (token1)
+    mtp:  CE of LM-head(m) against labels[:, 3::2] (token2), m = MTP(embed(ids[:, 2::2]), h[:, :-1])
+    conf: BCE of conf(sg(h[:, :-1]), sg(m)) against sg(p_mtp(true token2))
+    Each is a mean over the positions whose label is not IGNORE.
+    """
+    # The heads may be float32 master weights (setup_trainable); the backbone
+    # keeps its own dtype.
+    x = model.compress(ids).astype(model.model.embed_tokens.weight.dtype)
+    h = model.model(None, input_embeddings=x)[:, :-1]
+    m = model.draft(ids[:, 2::2], h)
+    mx.eval(h, m)
+    lm, g_h, _, hit1, n1 = chunked_cross_entropy(model.lm_logits, h, labels[:, 2::2], chunk_size)
+    mtp, g_m, ce2, hit2, n2 = chunked_cross_entropy(model.lm_logits, m, labels[:, 3::2], chunk_size)
+
+    z = model.confidence(mx.stop_gradient(h), mx.stop_gradient(m))
+    valid = np.array(labels[:, 3::2]) != IGNORE
+    target = np.where(valid, np.exp(-ce2), 0.0).astype(np.float32)  # p_mtp(true token2)
+    bce = (mx.logaddexp(0.0, z) - mx.array(target) * z) * mx.array(valid)
+    conf = bce.sum() / max(n2, 1)
+
+    p = np.array(mx.sigmoid(z.astype(mx.float32)))[valid]
+    stats = {
+        "n1": n1,
+        "lm": lm * n1,
+        "hit1": float(hit1.sum()),
+        "n2": n2,
+        "mtp": mtp * n2,
+        "hit2": float(hit2.sum()),
+        "conf": conf.item() * n2,
+        "pred": float(p.sum()),
+        "target": float(target.sum()),
+    }
+    for tau in KEEP_THRESHOLDS:
+        kept = p >= tau
+        stats[f"keep{tau}"] = float(kept.sum())
+        stats[f"kepthit{tau}"] = float((kept & hit2[valid]).sum())
+    return {"lm": with_grad(lm, h, g_h), "mtp": with_grad(mtp, m, g_m), "conf": conf}, stats
+
+
+class Meter:
+    """Sums of pipo_losses stats over batches, reported as means."""
+
+    def __init__(self) -> None:
+        self.sums: Dict[str, float] = {}
+
+    def add(self, stats: Dict[str, float]) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def means(self) -> Dict[str, float]:
+        s = self.sums
+        n1, n2 = max(s.get("n1", 0), 1), max(s.get("n2", 0), 1)
+        out = {
+            "lm": s["lm"] / n1,
+            "mtp": s["mtp"] / n2,
+            "conf": s["conf"] / n2,
+            "acc1": s["hit1"] / n1,
+            "acc2": s["hit2"] / n2,
+            "pred": s["pred"] / n2,
+            "target": s["target"] / n2,
+        }
+        for tau in KEEP_THRESHOLDS:
+            out[f"keep{tau}"] = s[f"keep{tau}"] / n2
+            out[f"keptacc{tau}"] = s[f"kepthit{tau}"] / max(s[f"keep{tau}"], 1)
+        return out
+
+    def line(self, weights: Tuple[float, float]) -> str:
+        m = self.means()
+        keep = "/".join(f"{m[f'keep{t}']:.2f}" for t in KEEP_THRESHOLDS)
+        kept = "/".join(f"{m[f'keptacc{t}']:.2f}" for t in KEEP_THRESHOLDS)
+        total = m["lm"] + weights[0] * m["mtp"] + weights[1] * m["conf"]
+        return (
+            f"loss {total:.3f} (lm {m['lm']:.3f}, mtp {m['mtp']:.3f}, conf {m['conf']:.3f}) | "
+            f"acc tok1 {m['acc1']:.3f} tok2 {m['acc2']:.3f} | "
+            f"conf pred {m['pred']:.3f} vs target {m['target']:.3f} | "
+            f"keep@{'/'.join(str(t) for t in KEEP_THRESHOLDS)} {keep} (tok2 acc {kept})"
+        )
+
+
+def evaluate(
+    model: PipoModel, batches: Iterator[Tuple[mx.array, mx.array, int]], chunk_size: int
+) -> Meter:
+    model.eval()
+    meter = Meter()
+    for ids, labels, _ in batches:
+        meter.add(pipo_losses(model, ids, labels, chunk_size)[1])
+    model.train()
+    return meter

@@ -1,0 +1,116 @@
+"""MLX PIPO model folders: loading them, and writing them atomically."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map_with_path
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load_model, load_tokenizer, save_config, save_model
+
+from . import backbones
+from .backbones import Backbone
+from .errors import PipoError
+from .hf_io import read_json
+
+
+def pad_token_id(tokenizer: Any, backbone: Backbone, where: Path) -> int:
+    """The tokenizer's PAD id, or that of the backbone's named PAD token
+    (docs/design.md §3); never a bare constant."""
+    pad = tokenizer.pad_token_id
+    if isinstance(pad, int):
+        return pad
+    pad = tokenizer.get_vocab().get(backbone.pad_token) if backbone.pad_token else None
+    if isinstance(pad, int):
+        return pad
+    raise PipoError(
+        f"{where}: neither config.json nor the tokenizer defines a pad token, which "
+        "PIPO needs; add pad_token_id to config.json"
+    )
+
+
+def load(path: str, lazy: bool = False) -> Tuple[nn.Module, TokenizerWrapper]:
+    """Load a folder written by `convert.py` (or `train_heads.py --fuse`)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise PipoError(f"model folder {folder} does not exist; convert one with convert.py")
+    config = read_json(folder / "config.json", "a model folder")
+    if "pipo" not in config:
+        raise PipoError(
+            f"{folder} is not a PIPO conversion (its config.json has no 'pipo' "
+            f"section); run: python convert.py --hf-path {folder} --mlx-path <new folder>"
+        )
+    backbone = backbones.for_model_type(config.get("model_type"), str(folder / "config.json"))
+    try:
+        model, config = load_model(
+            folder,
+            lazy=lazy,
+            get_model_classes=lambda config: (backbone.model_class, backbone.args_class),
+        )
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise PipoError(f"{folder}: cannot load the weights ({e}); convert it again") from None
+    tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
+    if model.args.pad_token_id is None:
+        model.args.pad_token_id = pad_token_id(tokenizer, backbone, folder)
+    return model, tokenizer
+
+
+def cast(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Cast floating parameters to `dtype`, except those the model keeps precise
+    (mlx-lm's `cast_predicate`: Qwen3.5's A_log)."""
+    keep = model.cast_predicate
+    model.update(
+        tree_map_with_path(
+            lambda p, v: v.astype(dtype) if keep(p) and mx.issubdtype(v.dtype, mx.floating) else v,
+            model.parameters(),
+        )
+    )
+
+
+def _replace(tmp: Path, dst: Path) -> None:
+    """Move a complete `tmp` into place at `dst`, replacing what was there."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dst)
+
+
+def save_folder(
+    dst: Path,
+    model: nn.Module,
+    config: dict,
+    tokenizer: TokenizerWrapper,
+    generation_config: Optional[Path] = None,
+) -> None:
+    """Write weights, config and tokenizer to `dst` atomically.
+
+    Everything goes to a hidden sibling first and is renamed into place at the
+    end, so an interrupted write never leaves a half-written model behind.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_model(tmp, model)
+        save_config(dict(config), tmp / "config.json")
+        tokenizer.save_pretrained(str(tmp))
+        if generation_config is not None and generation_config.is_file():
+            shutil.copy2(generation_config, tmp / generation_config.name)
+        _replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON under a temporary name and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,107 @@
+"""The settings of a head-training run, and what makes two runs the same run."""
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict
+
+from .errors import PipoError
+
+OPTIMIZERS = ("adamw", "adam", "lion", "sgd")
+TOO_LONG = ("truncate", "refuse")
+
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data: str
+    adapter_path: str
+    iters: int = 1000
+    batch_size: int = 4
+    grad_accumulation: int = 1
+    max_seq_length: int = 2048
+    too_long: str = "truncate"
+    max_pad_ratio: float = 0.25
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    lora: bool = True
+    lora_rank: int = 64
+    lora_alpha: float = 128.0
+    mtp_loss_weight: float = 1.0
+    conf_loss_weight: float = 1.0
+    ce_chunk_size: int = 256
+    grad_checkpoint: bool = False
+    steps_per_report: int = 10
+    val_every: int = 200
+    val_batches: int = 25
+    save_every: int = 100
+    seed: int = 0
+    resume: bool = False
+    force: bool = False
+    fuse: bool = False
+
+    # What a resumed run may change: nothing here alters the data order, the
+    # model being trained or the optimizer's rule. (`iters` does reshape the
+    # learning-rate schedule from the resumed step on; extending a run is the
+    # point of changing it.)
+    RESUMABLE = frozenset(
+        {
+            "iters",
+            "steps_per_report",
+            "val_every",
+            "val_batches",
+            "save_every",
+            "grad_checkpoint",
+            "ce_chunk_size",
+            "resume",
+            "force",
+            "fuse",
+            "adapter_path",
+        }
+    )
+
+    def check(self) -> None:
+        positive = (
+            "iters",
+            "batch_size",
+            "grad_accumulation",
+            "lora_rank",
+            "ce_chunk_size",
+            "steps_per_report",
+            "val_every",
+            "save_every",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise PipoError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_seq_length < 4 or self.max_seq_length % 2:
+            raise PipoError("--max-seq-length must be even and at least 4 (PIPO reads pairs)")
+        if not 0.0 <= self.max_pad_ratio <= 1.0:
+            raise PipoError("--max-pad-ratio must lie in [0, 1]")
+        if self.too_long not in TOO_LONG:
+            raise PipoError(f"--too-long must be one of {', '.join(TOO_LONG)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise PipoError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if self.learning_rate <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise PipoError("--learning-rate must be positive and --min-lr-ratio in [0, 1]")
+        if self.warmup < 0 or self.grad_clip < 0 or self.val_batches < -1 or self.val_batches == 0:
+            raise PipoError("--warmup and --grad-clip must be >= 0; --val-batches >= 1 or -1 (all)")
+        if self.resume and self.force:
+            raise PipoError("--resume continues a run and --force discards it; pass only one")
+        if self.iters <= self.warmup:
+            raise PipoError(
+                f"--iters {self.iters} is not above --warmup {self.warmup}: the whole run "
+                "would be warmup and the learning rate would never decay; pass a smaller "
+                f"--warmup (e.g. {max(self.iters // 10, 0)}) or more --iters"
+            )
+
+    def identity(self) -> Dict[str, Any]:
+        """The settings that define a run, with paths made absolute."""
+        d = {k: v for k, v in asdict(self).items() if k not in self.RESUMABLE}
+        d["model"] = str(Path(self.model).expanduser().resolve())
+        d["data"] = str(Path(self.data).expanduser().resolve())
+        return d

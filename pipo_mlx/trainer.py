@@ -1,0 +1,176 @@
+"""Supervised training of the PIPO heads with MLX: the schedule and the loop
+(docs/design.md §6). The pieces it runs live beside it: `data` (records to
+batches), `adapters` (what trains), `losses`, `train_state` (checkpoints).
+"""
+
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+from . import backbones
+from .adapters import fuse_model, grad_checkpointing, setup_trainable
+from .data import load_data, train_batch, valid_batches
+from .hf_io import read_json
+from .losses import Meter, evaluate, pipo_losses
+from .model import PipoModel
+from .model_io import load, save_folder
+from .train_config import TrainConfig
+from .train_state import restore_checkpoint, save_checkpoint, start_run
+
+
+def learning_rate(cfg: TrainConfig) -> Callable[[mx.array], mx.array]:
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio x peak at `iters`."""
+    lr = cfg.learning_rate
+    decay = optim.cosine_decay(lr, max(cfg.iters - cfg.warmup, 1), lr * cfg.min_lr_ratio)
+    if cfg.warmup == 0:
+        return decay
+    # lr * (step + 1) / warmup: the first step already moves the weights.
+    warm = optim.linear_schedule(lr / cfg.warmup, lr, max(cfg.warmup - 1, 1))
+    return optim.join_schedules([warm, decay], [cfg.warmup])
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    lr = learning_rate(cfg)
+    if cfg.optimizer == "adamw":
+        return optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return optim.Adam(learning_rate=lr)
+    if cfg.optimizer == "lion":
+        return optim.Lion(learning_rate=lr, weight_decay=cfg.weight_decay)
+    return optim.SGD(learning_rate=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+@contextmanager
+def _stop_on_ctrl_c() -> Iterator[Callable[[], bool]]:
+    """The first Ctrl-C asks the loop to checkpoint and stop after the current step;
+    a second one stops at once."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def handler(signum, frame):
+        requested.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(
+            "\n[INFO] Ctrl-C: saving a checkpoint after this step (press again to quit now)",
+            flush=True,
+        )
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def train(cfg: TrainConfig) -> PipoModel:
+    """Train the PIPO heads as `cfg` says; returns the trained model (with LoRA layers,
+    or fused when cfg.fuse)."""
+    cfg.check()
+    model, tokenizer = load(cfg.model)
+    pad = model.pad_token_id
+    train_set, valid_set = load_data(cfg.data, tokenizer, pad, cfg)
+    mx.random.seed(cfg.seed)  # LoRA's initial A matrices
+    dtypes = setup_trainable(model, cfg)
+    optimizer = make_optimizer(cfg)
+    out = start_run(cfg)
+    step = restore_checkpoint(out, model, optimizer) if cfg.resume else 0
+
+    n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    n_all = sum(v.size for _, v in tree_flatten(model.parameters()))
+    print(
+        f"[INFO] {len(train_set)} train / {len(valid_set)} valid records; trainable "
+        f"{n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters "
+        f"({'LoRA r=%d + heads' % cfg.lora_rank if cfg.lora else 'heads only'})",
+        flush=True,
+    )
+    if step:
+        print(f"[INFO] resumed from step {step} in {out}", flush=True)
+
+    weights = (cfg.mtp_loss_weight, cfg.conf_loss_weight)
+
+    def loss_fn(ids: mx.array, labels: mx.array):
+        terms, stats = pipo_losses(model, ids, labels, cfg.ce_chunk_size)
+        return terms["lm"] + weights[0] * terms["mtp"] + weights[1] * terms["conf"], stats
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def validate(at: int) -> None:
+        if valid_set:
+            meter = evaluate(model, valid_batches(valid_set, cfg, pad), cfg.ce_chunk_size)
+            print(f"[val] step {at}: {meter.line(weights)}", flush=True)
+
+    model.train()
+    meter, tokens, elapsed = Meter(), 0, 0.0
+    with (
+        backbones.of(model).fast_training(model),
+        grad_checkpointing(model, cfg.grad_checkpoint),
+        _stop_on_ctrl_c() as stop_requested,
+    ):
+        if step == 0:
+            validate(0)
+        start, total_elapsed = step, 0.0
+        while step < cfg.iters:
+            tic = time.perf_counter()
+            grads = None
+            for j in range(cfg.grad_accumulation):
+                ids, labels, n = train_batch(train_set, step * cfg.grad_accumulation + j, cfg, pad)
+                (_, stats), g = loss_and_grad(ids, labels)
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                mx.eval(grads)
+                meter.add(stats)
+                tokens += n
+            if cfg.grad_accumulation > 1:
+                grads = tree_map(lambda g: g / cfg.grad_accumulation, grads)
+            if cfg.grad_clip > 0:
+                grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
+            optimizer.update(model, grads)
+            mx.eval(model.trainable_parameters(), optimizer.state)
+            step += 1
+            dt = time.perf_counter() - tic
+            elapsed += dt
+            total_elapsed += dt
+
+            if step % cfg.steps_per_report == 0 or step == cfg.iters:
+                eta = total_elapsed / (step - start) * (cfg.iters - step)
+                # The optimizer holds the rate of its latest update.
+                lr = optimizer.learning_rate.item()
+                print(
+                    f"[train] step {step}/{cfg.iters} | {meter.line(weights)} | lr {lr:.2e} | "
+                    f"{tokens / elapsed:.0f} tok/s | peak {mx.get_peak_memory() / 1e9:.2f} GB | "
+                    f"ETA {_clock(eta)}",
+                    flush=True,
+                )
+                meter, tokens, elapsed = Meter(), 0, 0.0
+            if step % cfg.val_every == 0 or step == cfg.iters:
+                validate(step)
+            if step % cfg.save_every == 0 or step == cfg.iters or stop_requested():
+                save_checkpoint(out, step, model, optimizer)
+            if stop_requested():
+                print(f"[INFO] saved step {step} in {out}; continue with --resume", flush=True)
+                raise KeyboardInterrupt
+    print(f"[INFO] step {step}: checkpoint in {out / f'step-{step:07d}'}", flush=True)
+    if cfg.fuse:
+        dst = out / "fused"
+        src = Path(cfg.model).expanduser()
+        config = read_json(src / "config.json", "a model folder")
+        save_folder(
+            dst, fuse_model(model, dtypes), config, tokenizer, src / "generation_config.json"
+        )
+        print(f"[INFO] fused model in {dst}", flush=True)
+    return model
