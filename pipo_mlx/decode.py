@@ -153,6 +153,8 @@ def generate_step(
         raise PipoError(f"max_tokens must be positive (or -1 for no limit), got {max_tokens}")
     if not ids:
         raise PipoError("the prompt is empty; give at least one token of text")
+    if prefill_step_size < 2:
+        raise PipoError(f"prefill_step_size must be at least 2 (one pair), got {prefill_step_size}")
     cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
     if not isinstance(cache, PromptCache):
         raise TypeError("prompt_cache must come from pipo_mlx.make_prompt_cache(model)")
@@ -230,7 +232,7 @@ def generate_step(
     def queue(s: _Step) -> None:
         mx.async_eval(s.out, *(lp for lp in s.logprobs if lp is not None))
 
-    chunk = max(2, prefill_step_size - prefill_step_size % 2)
+    chunk = prefill_step_size - prefill_step_size % 2
     with mx.stream(generation_stream):
         _prefill(model, cache, ids, chunk, use_mtp)
         pending = cache.last_hidden if use_mtp else None

@@ -325,3 +325,57 @@ def test_unreachable_hub_repo_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(PipoError, match="neither a local folder nor a downloadable Hugging Face repo"):
         convert("nobody/no-such-model", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def _without_tokenizer_pad(folder: Path, rename: bool) -> None:
+    """Drop the tokenizer config's pad token; with `rename`, also rename the
+    token Qwen3.5 uses as PAD, so the vocabulary no longer has it."""
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    if rename:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            f = folder / name
+            f.write_text(f.read_text().replace("<|endoftext|>", "<|not-a-pad|>"))
+
+
+def test_the_pad_id_comes_from_the_checkpoint_or_tokenizer(hf_pipo, tmp_path):
+    from mlx_lm.utils import load_tokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_pipo[1], src)
+    pad_id = load_tokenizer(src).pad_token_id
+    assert json.loads((src / "config.json").read_text()).get("pad_token_id") is None
+
+    # The tokenizer names no pad token: Qwen3.5's PAD is found by its text.
+    _without_tokenizer_pad(src, rename=False)
+    model, _ = load(str(convert(str(src), str(tmp_path / "a"))))
+    assert model.args.pad_token_id == pad_id
+
+    # A config that names one wins over the tokenizer.
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "pad_token_id": 7}))
+    model, _ = load(str(convert(str(src), str(tmp_path / "b"))))
+    assert model.args.pad_token_id == 7
+
+    # Neither names one, and the vocabulary lacks Qwen3.5's: refused, never a constant.
+    (src / "config.json").write_text(json.dumps(config))
+    _without_tokenizer_pad(src, rename=True)
+    with pytest.raises(PipoError, match="neither config.json nor the tokenizer defines a pad token"):
+        convert(str(src), str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
+
+    # A converted folder whose config lost the id gets it from its tokenizer on load.
+    dst = tmp_path / "a"
+    config = json.loads((dst / "config.json").read_text())
+    del config["pipo"]["pad_token_id"]
+    (dst / "config.json").write_text(json.dumps(config))
+    model, _ = load(str(dst))
+    assert model.args.pad_token_id == pad_id
+
+    # A model built by hand without one says so when it is needed.
+    model.args.pad_token_id = None
+    from pipo_mlx import generate
+
+    with pytest.raises(PipoError, match="no PAD token id"):
+        generate(model, load_tokenizer(dst), "hi", max_tokens=2)

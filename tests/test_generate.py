@@ -19,8 +19,7 @@ import pytest
 from hf_reference import random_ids
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from pipo_mlx import PipoError, generate, load, stream_generate
-from pipo_mlx import ChatSession, make_prompt_cache
+from pipo_mlx import ChatSession, PipoError, generate, load, make_prompt_cache, stream_generate
 from pipo_mlx.heads import ConfidenceHead, MTPHead
 
 PAD_TEXT = "<|endoftext|>"
@@ -435,3 +434,13 @@ def test_bad_input(pipo):
     with pytest.raises(PipoError, match=f"{len(held)} already in the cache"):
         fused(model, tokenizer, prompt_of(20), cache=cache, max_tokens=2, conf_threshold=1.0)
     assert cache.tokens == held  # a refused prompt leaves the cache as it was
+
+
+def test_library_errors_are_value_errors_and_numbers_are_numbers(mlx_pipo):
+    model, tokenizer = load(str(mlx_pipo))
+    assert issubclass(PipoError, ValueError)
+    for threshold in ("0.5", None, float("nan")):
+        with pytest.raises(ValueError, match="is not a number"):
+            generate(model, tokenizer, "hi", max_tokens=2, conf_threshold=threshold)
+    with pytest.raises(ValueError, match="prefill_step_size must be at least 2"):
+        generate(model, tokenizer, "hi", max_tokens=2, prefill_step_size=1)

@@ -178,6 +178,18 @@ def test_hub_repo_is_converted_once(mlx_pipo, monkeypatch, tmp_path):
             ["--model", "{mlx}", "--prompt", "a " * 5000, "--ignore-chat-template"],
             "more than the model's context",
         ),
+        (["--model", "{mlx}", "--prompt", "hi", "--temp", "-0.5"], "--temp must be 0"),
+        (["--model", "{mlx}", "--prompt", "hi", "--top-p", "0"], "--top-p must lie in (0, 1]"),
+        (["--model", "{mlx}", "--prompt", "hi", "--top-p", "1.5"], "--top-p must lie in (0, 1]"),
+        (
+            ["--model", "{mlx}", "--prompt", "hi", "--prefill-step-size", "1"],
+            "--prefill-step-size must be at least 2",
+        ),
+        (
+            ["--model", "{mlx}", "--prompt", "hi", "--system-prompt", "be brief",
+             "--ignore-chat-template"],
+            "a system prompt needs a chat template",
+        ),
     ],
 )
 def test_bad_input(hf_pipo, mlx_pipo, tmp_path, monkeypatch, capsys, argv, message):
@@ -215,3 +227,85 @@ def test_chat_reports_an_overlong_turn_and_goes_on(mlx_pipo, monkeypatch, capsys
     assert code == 0
     assert "more than the model's context" in err
     assert out.count(">> ") == 3
+
+
+def test_a_system_prompt_without_a_chat_template_is_refused(monkeypatch, capsys):
+    # The shipped demo tokenizer has no chat template.
+    code, out, err = cli(monkeypatch, capsys, "--prompt", "x = 1", "--system-prompt", "be brief")
+    assert code == 2 and not out
+    assert err.splitlines()[-1].startswith("error: a system prompt needs a chat template")
+    assert "no chat template: prompts are sent as raw text" in err
+
+
+@pytest.fixture(scope="module")
+def plain_qwen(tmp_path_factory):
+    """An HF Qwen3.5 folder without PIPO heads (its native mtp.* weights kept)."""
+    from hf_reference import RefPIPO, hf_config_dict, tiny_config, write_checkpoint
+
+    config = tiny_config()
+    plain = {
+        k: v
+        for k, v in RefPIPO(config, "mlp", seed=3).hf_state_dict().items()
+        if not k.startswith(("compressor.", "confidence_head."))
+    }
+    return write_checkpoint(tmp_path_factory.mktemp("plain") / "qwen", plain, hf_config_dict(config))
+
+
+def test_a_plain_qwen_is_refused_locally_and_from_the_hub_with_one_message(
+    plain_qwen, tmp_path, monkeypatch, capsys
+):
+    import pipo_mlx.conversion
+
+    monkeypatch.setenv("PIPO_MLX_CACHE", str(tmp_path / "cache"))
+    real_resolve = pipo_mlx.conversion.resolve
+    monkeypatch.setattr(  # the hub repo "qwen/plain" is the local plain folder
+        pipo_mlx.conversion,
+        "resolve",
+        lambda spec, patterns: plain_qwen if spec == "qwen/plain" else real_resolve(spec, patterns),
+    )
+    messages = []
+    for spec in (str(plain_qwen), "qwen/plain"):
+        code, out, err = cli(monkeypatch, capsys, "--model", spec, "--prompt", "hi")
+        assert code == 2, err
+        last = err.splitlines()[-1]
+        assert last.startswith("error: ") and "not a PIPO conversion with trained heads" in last
+        assert "train_heads.py" in last and "convert.py" in last
+        messages.append(last.replace(spec, "SPEC"))
+    assert messages[0] == messages[1]
+    assert not (tmp_path / "cache" / "qwen--plain").exists()  # nothing half-converted
+
+    code, out, err = cli(
+        monkeypatch, capsys, "--model", "qwen/plain", "--allow-fresh-heads", "--prompt", "hi",
+        "--max-tokens", "4",
+    )
+    assert code == 0, err
+    assert (tmp_path / "cache" / "qwen--plain" / "config.json").is_file()
+
+
+def test_an_overlong_prompt_shows_only_our_message(mlx_pipo):
+    """The tokenizer's own 'Token indices sequence length' warning used to come first."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "generate.py"), "--model", str(mlx_pipo),
+         "--prompt", "a " * 5000, "--ignore-chat-template"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        line for line in result.stderr.splitlines() if line.startswith("error: ")
+    ], result.stderr
+    assert "more than the model's context" in result.stderr
+
+
+def test_without_the_demo_generate_says_what_to_pass(tmp_path):
+    """As from a wheel install: run outside the checkout, the package elsewhere."""
+    import shutil as sh
+
+    sh.copytree(ROOT / "pipo_mlx", tmp_path / "site" / "pipo_mlx")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipo_mlx.generate", "--prompt", "hi"],
+        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: no --model given and the demo model")
+    assert "pass --model" in result.stderr and result.stderr.count("\n") == 1

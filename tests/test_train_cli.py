@@ -185,6 +185,7 @@ def test_an_output_folder_holding_another_run(mlx_pipo, data, tmp_path, monkeypa
     )
     assert code == 0 and "resumed from step 2" in stdout, err
     assert adapters(out)[1] == 3
+    assert "[WARN] --resume: the run was started with --iters 2, now 3" in stdout
 
     code, _, err = run(monkeypatch, capsys, *cli_args(mlx_pipo, data, out, seed=1, force=True))
     assert code == 0, err
@@ -199,6 +200,16 @@ def test_an_output_folder_holding_another_run(mlx_pipo, data, tmp_path, monkeypa
         run(monkeypatch, capsys, *cli_args(mlx_pipo, data, other, resume=True)),
         "holds no training run",
     )
+
+
+def test_a_run_that_would_be_all_warmup_is_refused(mlx_pipo, data, tmp_path, monkeypatch, capsys):
+    for iters in (3, 5):
+        refused(
+            run(monkeypatch, capsys, *cli_args(mlx_pipo, data, tmp_path / "o", iters=iters, warmup=5)),
+            f"--iters {iters} is not above --warmup 5",
+            "never decay",
+        )
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_killed_run_loses_only_the_steps_since_its_checkpoint(
