@@ -85,17 +85,21 @@ def chunked_gated_delta(
     q, k, v, log_g, beta = map(blocks, (q, k, v, log_g, beta))
     g = mx.cumsum(log_g, axis=-1)  # [B, H, n, C]: log decay from chunk start
     causal = mx.tril(mx.ones((c, c), dtype=mx.bool_))
-    # decay[i, j] = prod of gates over (j, i], only for j <= i.
-    decay = mx.exp(mx.where(causal, g[..., :, None] - g[..., None, :], -mx.inf))
+    strict = mx.tril(mx.ones((c, c), dtype=mx.bool_), k=-1)
+    # decay[i, j] = prod of gates over (j, i], only for j <= i. The log-gates are
+    # summed over each interval rather than taken as g[i] - g[j]: with strong
+    # decay g runs into the thousands and the difference would lose the gate
+    # gradients to rounding.
+    interval = mx.cumsum(mx.where(strict, log_g[..., :, None], 0.0), axis=-2)
+    decay = mx.exp(mx.where(causal, interval, -mx.inf))
 
     k_beta = k * beta[..., None]
-    strict = mx.tril(mx.ones((c, c), dtype=mx.bool_), k=-1)
     a = mx.where(strict, -(k_beta @ k.swapaxes(-1, -2)) * decay, 0.0)
     solve = _unit_lower_inverse(a)
     u = solve @ (v * beta[..., None])  # [B, H, n, C, Dv]
     w = solve @ (k_beta * mx.exp(g)[..., None])  # [B, H, n, C, Dk]
     intra = mx.where(causal, q @ k.swapaxes(-1, -2), 0.0) * decay
-    to_end = mx.exp(g[..., -1:] - g)[..., None]  # decay from each step to chunk end
+    to_end = decay[..., -1, :, None]  # decay from each step to chunk end
 
     s = state.swapaxes(-1, -2)  # [B, H, Dk, Dv]
     ys = []
