@@ -4,6 +4,11 @@
     python benchmarks/bench_decode.py --quick           # smoke run, under a minute
     python benchmarks/bench_decode.py --model FOLDER --sizes ""   # a converted PIPO model
 
+Only a full run (no --quick; --repeats, --tokens, --prompts and
+--quality-windows at their defaults) writes to benchmarks/results/, the files
+the README quotes; any other run writes to build/bench/ unless --out says
+where.
+
 Models are random-weight Qwen3.5 configs built in memory with Qwen3.5-4B-like
 proportions (24+ hybrid layers, a full-attention layer every 4, tied embeddings,
 an LM head about 1/8 of the backbone), and/or a folder written by convert.py.
@@ -19,7 +24,7 @@ detokenize every token with mlx-lm's streaming detokenizer.
 
 * time to first token (TTFT): from the call to the first token, prompts of
   256, 1024 and 4096 tokens, PIPO at the paper's threshold 0.95 (so its MTP
-  head runs over the prompt, as PIPO_SPEC.md section 4 prescribes);
+  head runs over the prompt, as docs/design.md §5 describes);
 * per-token latency over N generated tokens after a 64-token prompt, from the
   first token to the last, divided by the tokens that arrived after the first
   step; thresholds -1 (keep every token2), 0.95 and 1 (keep none, no MTP);
@@ -65,12 +70,14 @@ from mlx_lm.models.qwen3_5 import TextModel
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 from mlx_lm.utils import quantize_model
 
-from pipo_mlx import load
-from pipo_mlx.convert import cast
-from pipo_mlx.generate import generate_step, make_prompt_cache, make_token2_head, stream_generate
-from pipo_mlx.model import Model, ModelArgs
+from pipo_mlx import load, make_prompt_cache, make_token2_head, stream_generate
+from pipo_mlx.backbones.qwen3_5 import Model, ModelArgs
+from pipo_mlx.decode import generate_step
+from pipo_mlx.model_io import cast
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"  # committed: the README quotes these files
+SCRATCH = REPO / "build" / "bench"  # git-ignored: smoke and partial runs
 DECODE_PROMPT = 64
 # The paper's 0.95, and lower gates for a small demo model that is rarely that sure.
 QUALITY_THRESHOLDS = (0.5, 0.8, 0.95)
@@ -792,6 +799,18 @@ FULL_SIZES = {
 QUICK_SIZE = Size("quick", 128, 8, (64, 128), RANDOM_VARIANTS, dtypes=("float16", "4bit"))
 
 
+FULL_RUN_SETTINGS = ("repeats", "tokens", "prompts", "quality_windows")
+
+
+def is_full_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
+    """A run whose results may replace the committed ones: not --quick, and every
+    measurement setting at its default (--sizes, --model and --name pick what is
+    measured and where, not how carefully)."""
+    return not args.quick and all(
+        getattr(args, k) == parser.get_default(k) for k in FULL_RUN_SETTINGS
+    )
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a tiny model, few tokens, one repeat")
@@ -801,9 +820,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=256, help="generated tokens per decode run")
     p.add_argument("--prompts", default="256,1024,4096", help="TTFT prompt lengths for --model")
     p.add_argument("--quality-windows", type=int, default=32, help="256-token windows for the token2-head quality")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output folder")
+    p.add_argument(
+        "--out",
+        help="output folder (default: benchmarks/results for a full run, build/bench for "
+        "--quick or a run with any of --repeats, --tokens, --prompts, --quality-windows off its "
+        "default)",
+    )
     p.add_argument("--name", default="decode", help="file stem of the JSON and PNG")
     args = p.parse_args(argv)
+    args.full = is_full_run(args, p)
+    if args.out is None:
+        args.out = str(RESULTS if args.full else SCRATCH)
     args.prompts = [int(n) for n in args.prompts.split(",") if n]
     if args.quick:
         args.repeats, args.tokens, args.quality_windows, args.prompts = 1, 16, 2, [64, 128]
@@ -826,6 +853,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "models": [],
         "token2_head_quality": None,
     }
+    out = Path(args.out)
+    if not args.full and out.resolve() == RESULTS.resolve():
+        log(f"not a full run, but --out names {out}: the committed results will be replaced")
+    else:
+        log(f"results go to {out}" + ("" if args.full else " (not a full run)"))
     tic = time.perf_counter()
     for size in sizes:
         results["models"] += run_random(size, args)
@@ -834,12 +866,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         results["models"].append(entry)
     results["machine"]["load_average_end"] = os.getloadavg()
     results["settings"]["wall_s"] = time.perf_counter() - tic
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results["chart"] = plot(results, out / f"{args.name}.png")
     (out / f"{args.name}.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     print_table(results)
-    log(f"wrote {out / args.name}.json in {results['settings']['wall_s']:.0f} s")
+    written = [out / f"{args.name}.json"] + ([out / results["chart"]] if results["chart"] else [])
+    log(f"wrote {' and '.join(map(str, written))} in {results['settings']['wall_s']:.0f} s")
     return results
 
 

@@ -21,6 +21,10 @@ joined with EOS and cut into windows of --seq-len tokens. On each window:
   decode step.
 
 Prints a table, writes JSON and a reliability plot (needs matplotlib).
+
+Only a full run (every setting that changes the figures at its default) writes
+to benchmarks/results/, the files the README quotes; any other run writes to
+build/bench/ unless --out says where.
 """
 
 import argparse
@@ -34,11 +38,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from pipo_mlx.chunked_delta import fast_training
-from pipo_mlx.checkpoint import write_json_atomic
+from pipo_mlx.backbones.qwen3_5 import fast_training
 from pipo_mlx.corpus import read_split
+from pipo_mlx.model_io import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"  # committed: the README quotes these files
+SCRATCH = REPO / "build" / "bench"  # git-ignored: smoke and partial runs
 THRESHOLDS = (0.5, 0.8, 0.95)
 ECE_BINS = 10
 
@@ -133,7 +139,7 @@ def base_greedy(model: nn.Module, prompt: List[int], n: int, eos: set) -> List[i
 
 
 def pipo_greedy(model: nn.Module, prompt: List[int], n: int, eos: set, threshold: float) -> Tuple[List[int], int]:
-    from pipo_mlx.generate import generate_step
+    from pipo_mlx.decode import generate_step
 
     out, steps = [], 0
     for token, _, is_token2 in generate_step(prompt, model, eos_token_ids=eos, max_tokens=n, conf_threshold=threshold):
@@ -159,7 +165,8 @@ def fmt(x: "float | None") -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def plot(bins: List[dict], target_bins: List[dict], ece: float, path: Path) -> None:
+def plot(bins: List[dict], target_bins: List[dict], ece: float, path: Path) -> bool:
+    """Write the reliability plot to path; False (and nothing written) without matplotlib."""
     try:
         import matplotlib
 
@@ -167,7 +174,7 @@ def plot(bins: List[dict], target_bins: List[dict], ece: float, path: Path) -> N
         import matplotlib.pyplot as plt
     except ImportError:
         log("matplotlib is not installed (pip install matplotlib): no reliability plot")
-        return
+        return False
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     top.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", label="greedy token2 correct")
@@ -191,9 +198,37 @@ def plot(bins: List[dict], target_bins: List[dict], ece: float, path: Path) -> N
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, path)
     plt.close(fig)
+    return True
 
 
-def main() -> None:
+def write_results(out: Path, results: dict, bins: List[dict], target_bins: List[dict], ece: float) -> List[Path]:
+    """The JSON and, where matplotlib is installed, the plot; logs (and returns) what was written."""
+    written = [out / "eval_quality.json"]
+    write_json_atomic(written[0], results)
+    png = out / "reliability.png"
+    if plot(bins, target_bins, ece, png):
+        written.append(png)
+    elif png.exists():
+        log(f"{png} is left from an earlier run")
+    log(f"wrote {' and '.join(map(str, written))}")
+    return written
+
+
+# Settings that change the figures; a run with any of them off its default is not a full run.
+FULL_RUN_SETTINGS = ("pipo", "base", "seq_len", "max_windows", "prompts", "gen_tokens", "gen_thresholds")
+
+
+def is_full_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
+    def same(k: str) -> bool:
+        value, default = getattr(args, k), parser.get_default(k)
+        if k in ("pipo", "base"):
+            return Path(value).resolve() == Path(default).resolve()
+        return value == default
+
+    return all(same(k) for k in FULL_RUN_SETTINGS)
+
+
+def parse_args(argv: "List[str] | None" = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pipo", default=str(REPO / "models" / "pipo-stdlib"))
     p.add_argument("--base", default=str(REPO / "models" / "base-stdlib"))
@@ -203,15 +238,32 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--gen-thresholds", type=float, nargs="+", default=[0.95, 1.0])
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    args = p.parse_args()
+    p.add_argument(
+        "--out",
+        help="output folder (default: benchmarks/results for a full run, build/bench for a run "
+        "with any of --pipo, --base, --seq-len, --max-windows, --prompts, --gen-tokens, "
+        "--gen-thresholds off its default)",
+    )
+    args = p.parse_args(argv)
+    args.full = is_full_run(args, p)
+    if args.out is None:
+        args.out = str(RESULTS if args.full else SCRATCH)
+    return args
+
+
+def main(argv: "List[str] | None" = None) -> None:
+    args = parse_args(argv)
     out = Path(args.out)
+    if not args.full and out.resolve() == RESULTS.resolve():
+        log(f"not a full run, but --out names {out}: the committed results will be replaced")
+    else:
+        log(f"results go to {out}" + ("" if args.full else " (not a full run)"))
     out.mkdir(parents=True, exist_ok=True)
 
     from mlx_lm import load as load_base
     from mlx_lm.utils import dequantize_model
 
-    from pipo_mlx.utils import load as load_pipo
+    from pipo_mlx import load as load_pipo
 
     base, tokenizer = load_base(args.base)
     pipo, pipo_tokenizer = load_pipo(args.pipo)
@@ -319,9 +371,7 @@ def main() -> None:
     for k, v in rows:
         print(f"| {k.ljust(width)} | {v:>5} |")
 
-    write_json_atomic(out / "eval_quality.json", results)
-    plot(bins, target_bins, ece, out / "reliability.png")
-    log(f"wrote {out / 'eval_quality.json'} and {out / 'reliability.png'}")
+    write_results(out, results, bins, target_bins, ece)
 
 
 if __name__ == "__main__":

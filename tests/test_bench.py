@@ -1,11 +1,57 @@
-"""benchmarks/bench_decode.py --quick runs and writes every field; timings are not judged here."""
+"""benchmarks/bench_decode.py --quick runs and writes every field, to build/bench and never to
+the committed benchmarks/results; timings are not judged here."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"  # committed: the README quotes these files
+SCRATCH = ROOT / "build" / "bench"  # where smoke runs go
+
+
+class Committed:
+    """The bytes and mtimes of benchmarks/results/ when the test began."""
+
+    def __init__(self) -> None:
+        self.before = self.snapshot()
+
+    @staticmethod
+    def snapshot() -> Dict[Path, Tuple[bytes, int]]:
+        files = sorted(RESULTS.iterdir()) if RESULTS.is_dir() else []
+        return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files if p.is_file()}
+
+    def changed(self) -> List[str]:
+        after = self.snapshot()
+        return sorted(p.name for p in self.before.keys() | after.keys() if self.before.get(p) != after.get(p))
+
+    def restore(self) -> None:
+        """Put back whatever a failing run overwrote, so a regression cannot cost the committed files."""
+        after = self.snapshot()
+        for p, (data, mtime) in self.before.items():
+            if after.get(p) != (data, mtime):
+                p.write_bytes(data)
+                os.utime(p, ns=(mtime, mtime))
+
+
+@pytest.fixture
+def committed():
+    c = Committed()
+    yield c
+    c.restore()
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 MACHINE = {"platform", "cpu", "cores", "device", "mlx", "mlx_lm", "blas_preloaded",
            "load_average_start", "load_average_end"}
@@ -30,15 +76,22 @@ THRESHOLDS = {"0.5", "0.8", "0.95"}
 HEAD_SPECS = {"full", "q4", "q8", "top:160", "top:80", "top:40"}  # the test model: V = 320
 
 
-def test_quick_run_writes_every_field(mlx_pipo, tmp_path):
+def test_quick_run_writes_every_field(mlx_pipo, committed):
+    # No --out: a smoke run must land in build/bench and leave benchmarks/results alone.
+    for stale in ("decode.json", "decode.png"):
+        (SCRATCH / stale).unlink(missing_ok=True)
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--quick",
-         "--model", str(mlx_pipo), "--out", str(tmp_path)],
+         "--model", str(mlx_pipo)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert committed.changed() == [], "a --quick run rewrote the committed results"
     assert "weight-reading bound" in done.stdout
-    r = json.loads((tmp_path / "decode.json").read_text())
+    out = SCRATCH
+    wrote = [line for line in done.stdout.splitlines() if "] wrote " in line]
+    assert len(wrote) == 1 and str(out / "decode.json") in wrote[0], done.stdout[-2000:]
+    r = json.loads((out / "decode.json").read_text())
     assert MACHINE <= r["machine"].keys() and SETTINGS <= r["settings"].keys()
     assert r["settings"]["quick"]
     assert [(m["name"], m["dtype"]) for m in r["models"]] == [
@@ -67,4 +120,24 @@ def test_quick_run_writes_every_field(mlx_pipo, tmp_path):
         assert {"token2_accuracy", "kept_token2_accuracy", "agreement_with_full_head"} <= q[spec].keys()
         assert set(q[spec]["kept_token2_accuracy"]) == THRESHOLDS
     if r["chart"] is not None:  # matplotlib is an optional extra
-        assert (tmp_path / "decode.png").stat().st_size > 0
+        assert (out / "decode.png").stat().st_size > 0
+        assert str(out / "decode.png") in wrote[0]
+    else:
+        assert not (out / "decode.png").exists() and "decode.png" not in wrote[0]
+
+
+def test_output_folder_follows_the_kind_of_run(tmp_path):
+    """Only a full run defaults to the committed folder; --out always wins."""
+    bench = load_script("bench_decode")
+
+    def out(*argv: str) -> Path:
+        return Path(bench.parse_args(list(argv)).out)
+
+    assert out() == RESULTS
+    assert out("--repeats", "3", "--tokens", "256") == RESULTS  # the defaults, spelled out
+    assert out("--model", "m", "--sizes", "", "--name", "decode_demo") == RESULTS  # decode_demo.json
+    assert out("--quick") == SCRATCH
+    for reduced in (["--repeats", "1"], ["--tokens", "32"], ["--prompts", "64"], ["--quality-windows", "2"]):
+        assert out(*reduced) == SCRATCH, reduced
+    assert out("--quick", "--out", str(tmp_path)) == tmp_path
+    assert out("--out", str(tmp_path)) == tmp_path
