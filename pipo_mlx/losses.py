@@ -7,7 +7,7 @@ losses and those input gradients a chunk of tokens at a time, eagerly, and
 (docs/design.md §6).
 """
 
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -29,36 +29,55 @@ def _graph_free(x: mx.array) -> mx.array:
     return mx.array(np.array(x.astype(mx.float32))).astype(x.dtype)
 
 
+def chunked_rows(
+    head: Callable[[mx.array], mx.array],
+    x: mx.array,
+    loss: Callable[..., Tuple[mx.array, Tuple[mx.array, ...]]],
+    extras: Tuple[np.ndarray, ...],
+    chunk_size: int,
+) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """Run `loss(head(x_chunk) as float32 logits, *extras_chunk)` over rows of x [N, H],
+    `chunk_size` rows at a time, so at most one chunk's logits exist.
+
+    `loss` returns (a scalar to differentiate, per-row outputs). Returns the
+    gradient with respect to x (NumPy, [N, H]) and the per-row outputs, joined.
+    """
+    x = _graph_free(x)
+    step = mx.value_and_grad(lambda xc, *e: loss(head(xc).astype(mx.float32), *e))
+    grad = np.zeros(x.shape, np.float32)
+    outputs: List[List[np.ndarray]] = []
+    for s in range(0, x.shape[0], chunk_size):
+        (_, rows), g = step(x[s : s + chunk_size], *(mx.array(e[s : s + chunk_size]) for e in extras))
+        # NumPy copies: see _graph_free.
+        grad[s : s + chunk_size] = np.array(g.astype(mx.float32))
+        outputs.append([np.array(r) for r in rows])
+    return grad, [np.concatenate(parts) for parts in zip(*outputs)] if outputs else []
+
+
 def chunked_cross_entropy(
     head: Callable[[mx.array], mx.array], x: mx.array, targets: mx.array, chunk_size: int
 ) -> Tuple[float, mx.array, np.ndarray, np.ndarray, int]:
     """Mean cross-entropy of head(x) over the positions whose target is not IGNORE.
 
-    Computed `chunk_size` positions at a time, so at most one chunk's logits
-    exist. Returns (mean, d mean / d x as a graph-free array shaped like x,
-    per-position CE and argmax-hit as NumPy arrays shaped like targets (0 where
-    ignored), number of counted positions).
+    Returns (mean, d mean / d x as a graph-free array shaped like x, per-position
+    CE and argmax-hit as NumPy arrays shaped like targets (0 where ignored),
+    number of counted positions).
     """
     shape = x.shape
-    flat = _graph_free(x.reshape(-1, shape[-1]))
     t = np.array(targets).reshape(-1)
     rows = np.flatnonzero(t != IGNORE)
     count = max(len(rows), 1)
 
-    def chunk_loss(xc: mx.array, tc: mx.array):
-        logits = head(xc).astype(mx.float32)
+    def loss(logits: mx.array, tc: mx.array):
         ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         return ce.sum() / count, (ce, mx.argmax(logits, axis=-1) == tc)
 
-    loss_and_grad = mx.value_and_grad(chunk_loss)
     ce = np.zeros(t.shape, np.float32)
     hit = np.zeros(t.shape, bool)
-    grad = np.zeros(flat.shape, np.float32)
-    for s in range(0, len(rows), chunk_size):
-        r = rows[s : s + chunk_size]
-        (_, (c, h)), g = loss_and_grad(flat[mx.array(r)], mx.array(t[r]))
-        # NumPy copies: see _graph_free.
-        ce[r], hit[r], grad[r] = np.array(c), np.array(h), np.array(g.astype(mx.float32))
+    grad = np.zeros((len(t), shape[-1]), np.float32)
+    if len(rows):
+        x_rows = x.reshape(-1, shape[-1])[mx.array(rows)]
+        grad[rows], (ce[rows], hit[rows]) = chunked_rows(head, x_rows, loss, (t[rows],), chunk_size)
     return (
         float(ce.sum() / count),
         mx.array(grad).reshape(shape),
