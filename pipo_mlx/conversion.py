@@ -242,6 +242,8 @@ def convert(
         "mtp_num_hidden_layers": int(text.pop("mtp_num_hidden_layers", 1)),
         "pad_token_id": pad,
     }
+    if isinstance(text.get("conf_threshold"), (int, float)):  # a recommended gate, kept
+        pipo["conf_threshold"] = float(text.pop("conf_threshold"))
     text.pop("pad_token_id", None)
     out_config = {**text, "architectures": [ARCHITECTURE], "pipo": pipo}
     for key in ("auto_map", "transformers_version", "torch_dtype", "dtype", "quantization_config"):

@@ -45,8 +45,12 @@ def _prompt(tokenizer: TokenizerWrapper, messages: list, tools: Any, generation_
     )
 
 
+class EmptyRecord(PipoError):
+    """A record with nothing to train on (a teacher may answer with EOS alone)."""
+
+
 def _no_text(where: str) -> PipoError:
-    return PipoError(
+    return EmptyRecord(
         f"{where}: the record has no text to train on (empty completion); fill or remove it"
     )
 
@@ -158,9 +162,18 @@ def _has_target(labels: np.ndarray) -> bool:
 
 
 def load_dataset(
-    path: Path, tokenizer: TokenizerWrapper, pad: int, max_len: int, too_long: str
+    path: Path,
+    tokenizer: TokenizerWrapper,
+    pad: int,
+    max_len: int,
+    too_long: str,
+    skip_empty: bool = False,
 ) -> List[Example]:
-    """Read and tokenize a JSONL file; every problem names the file and line."""
+    """Read and tokenize a JSONL file; every problem names the file and line.
+
+    `skip_empty` drops (and counts) records with nothing to train on instead of
+    refusing them: a teacher's rollouts may hold answers that are EOS alone.
+    """
     if not path.is_file():
         raise PipoError(f"{path} not found; put training records there, one JSON object per line")
     try:
@@ -168,7 +181,7 @@ def load_dataset(
         lines = path.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise PipoError(f"{path} is unreadable ({e}); it must be UTF-8 JSON Lines") from None
-    examples, truncated, dropped = [], 0, 0
+    examples, truncated, dropped, empty = [], 0, 0, 0
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -179,7 +192,13 @@ def load_dataset(
             raise PipoError(
                 f"{where}: not valid JSON ({e.msg}, column {e.colno}); fix or remove the line"
             ) from None
-        ex = encode_record(record, tokenizer, where)
+        try:
+            ex = encode_record(record, tokenizer, where)
+        except EmptyRecord:
+            if not skip_empty:
+                raise
+            empty += 1
+            continue
         ids, labels = pair_layout(ex, pad)
         if not _has_target(labels):
             raise PipoError(
@@ -206,11 +225,13 @@ def load_dataset(
             f"truncated ({dropped} dropped: no completion left)",
             flush=True,
         )
+    if empty:
+        print(f"[INFO] {path}: {empty} record(s) with an empty completion left out", flush=True)
     return examples
 
 
 def load_data(
-    data: str, tokenizer: TokenizerWrapper, pad: int, cfg: TrainConfig
+    data: str, tokenizer: TokenizerWrapper, pad: int, cfg: TrainConfig, skip_empty: bool = False
 ) -> Tuple[List[Example], List[Example]]:
     folder = Path(data).expanduser()
     if not folder.is_dir():
@@ -218,12 +239,11 @@ def load_data(
             f"data folder {folder} not found; it should hold train.jsonl and, "
             "optionally, valid.jsonl"
         )
-    train = load_dataset(folder / "train.jsonl", tokenizer, pad, cfg.max_seq_length, cfg.too_long)
+    limits = (cfg.max_seq_length, cfg.too_long, skip_empty)
+    train = load_dataset(folder / "train.jsonl", tokenizer, pad, *limits)
     valid = []
     if (folder / "valid.jsonl").exists():
-        valid = load_dataset(
-            folder / "valid.jsonl", tokenizer, pad, cfg.max_seq_length, cfg.too_long
-        )
+        valid = load_dataset(folder / "valid.jsonl", tokenizer, pad, *limits)
     else:
         print(f"[INFO] no {folder / 'valid.jsonl'}: training without validation", flush=True)
     return train, valid
@@ -245,19 +265,22 @@ def _collate(
 def train_batch(
     examples: List[Example], micro_step: int, cfg: TrainConfig, pad: int
 ) -> Tuple[mx.array, mx.array, int]:
-    """Micro-batch number `micro_step` (0-based): a pure function of the seed and the step.
-
-    Epoch e visits the examples in permutation(seed, e); sequence position
-    p = micro_step * batch_size + j falls in epoch p // N.
-    """
-    n = len(examples)
+    """Micro-batch number `micro_step` (0-based): a pure function of the seed and the step."""
     rng = np.random.default_rng([cfg.seed, 0, micro_step])
     ratio = rng.uniform(0.0, cfg.max_pad_ratio)
-    rows = []
-    for p in range(micro_step * cfg.batch_size, (micro_step + 1) * cfg.batch_size):
-        order = _epoch_order(cfg.seed, p // n, n)
-        rows.append(pair_layout(examples[order[p % n]], pad, ratio, rng))
+    rows = [
+        pair_layout(examples[i], pad, ratio, rng)
+        for i in batch_indices(len(examples), micro_step, cfg.batch_size, cfg.seed)
+    ]
     return _collate(rows, pad, cfg.max_seq_length)
+
+
+def batch_indices(n: int, micro_step: int, batch_size: int, seed: int) -> List[int]:
+    """Which of n records micro-batch `micro_step` holds: epoch e visits them in
+    permutation(seed, e), and sequence position p = micro_step * batch_size + j
+    falls in epoch p // n."""
+    positions = range(micro_step * batch_size, (micro_step + 1) * batch_size)
+    return [int(_epoch_order(seed, p // n, n)[p % n]) for p in positions]
 
 
 @lru_cache(maxsize=2)

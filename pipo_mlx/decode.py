@@ -76,6 +76,14 @@ class PipoResponse(GenerationResponse):
         return self.token2_kept / max(self.steps, 1)
 
 
+def recommended_threshold(model: PipoModel, given: Optional[float] = None) -> float:
+    """`given`, else the threshold stored with the model, else the paper's 0.95."""
+    if given is not None:
+        return given
+    stored = getattr(model.args, "conf_threshold", None)
+    return DEFAULT_CONF_THRESHOLD if stored is None else stored
+
+
 def check_threshold(value: float) -> float:
     """The confidence threshold, checked: a real number, not NaN."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
@@ -134,7 +142,7 @@ def generate_step(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     sampler: Optional[Sampler] = None,
     logits_processors: Optional[List[LogitsProcessor]] = None,
-    conf_threshold: float = DEFAULT_CONF_THRESHOLD,
+    conf_threshold: Optional[float] = None,
     prompt_cache: Optional[PromptCache] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     token2_head: Union[str, Token2Head] = DEFAULT_TOKEN2_HEAD,
@@ -148,7 +156,7 @@ def generate_step(
     `token2_head` is a `make_token2_head` spec or the head it made.
     """
     ids = prompt.tolist() if isinstance(prompt, mx.array) else [int(t) for t in prompt]
-    threshold = check_threshold(conf_threshold)
+    threshold = check_threshold(recommended_threshold(model, conf_threshold))
     if max_tokens == 0 or max_tokens < -1:
         raise PipoError(f"max_tokens must be positive (or -1 for no limit), got {max_tokens}")
     if not ids:

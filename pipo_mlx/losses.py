@@ -7,7 +7,7 @@ losses and those input gradients a chunk of tokens at a time, eagerly, and
 (docs/design.md §6).
 """
 
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -174,14 +174,3 @@ class Meter:
             f"conf pred {m['pred']:.3f} vs target {m['target']:.3f} | "
             f"keep@{'/'.join(str(t) for t in KEEP_THRESHOLDS)} {keep} (tok2 acc {kept})"
         )
-
-
-def evaluate(
-    model: PipoModel, batches: Iterator[Tuple[mx.array, mx.array, int]], chunk_size: int
-) -> Meter:
-    model.eval()
-    meter = Meter()
-    for ids, labels, _ in batches:
-        meter.add(pipo_losses(model, ids, labels, chunk_size)[1])
-    model.train()
-    return meter

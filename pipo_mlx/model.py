@@ -28,6 +28,9 @@ class PipoArgs:
     # None until known: `model_io.load` fills it from the tokenizer when the
     # config has none (docs/design.md §3).
     pad_token_id: Optional[int] = None
+    # The gate threshold this model was tuned for, used when a caller gives
+    # none; None: the paper's 0.95 (docs/design.md §5).
+    conf_threshold: Optional[float] = None
 
     @classmethod
     def from_dict(cls, params: Dict[str, Any]) -> "PipoArgs":

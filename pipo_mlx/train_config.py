@@ -2,13 +2,14 @@
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from .errors import PipoError
 
 OPTIMIZERS = ("adamw", "adam", "lion", "sgd")
 TOO_LONG = ("truncate", "refuse")
-
+STAGES = ("sft", "opd")
+KL_MODES = ("full", "topk", "sampled")
 
 
 @dataclass
@@ -40,6 +41,19 @@ class TrainConfig:
     val_batches: int = 25
     save_every: int = 100
     seed: int = 0
+    # The stage (docs/design.md §6, §7), the teacher, and the sampling of the
+    # rollouts (the teacher's for sft with a teacher, the student's for opd);
+    # defaults are the paper's.
+    stage: str = "sft"
+    teacher: Optional[str] = None
+    kl: str = "topk"
+    kl_topk: int = 32
+    max_new_tokens: int = 256
+    temp: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 20
+    presence_penalty: float = 1.5
+    conf_threshold: float = 0.95
     resume: bool = False
     force: bool = False
     fuse: bool = False
@@ -92,6 +106,19 @@ class TrainConfig:
             raise PipoError("--warmup and --grad-clip must be >= 0; --val-batches >= 1 or -1 (all)")
         if self.resume and self.force:
             raise PipoError("--resume continues a run and --force discards it; pass only one")
+        if self.stage not in STAGES or self.kl not in KL_MODES:
+            raise PipoError(
+                f"--stage must be one of {', '.join(STAGES)} and --kl one of {', '.join(KL_MODES)}"
+            )
+        if self.stage == "opd" and not self.teacher:
+            raise PipoError(
+                "--stage opd distills toward a teacher; pass --teacher with an ordinary "
+                "causal LM folder (e.g. the base model) that shares the tokenizer"
+            )
+        if self.kl_topk < 1 or self.max_new_tokens < 1 or not self.temp >= 0:
+            raise PipoError("--kl-topk and --max-new-tokens must be at least 1, --temp >= 0")
+        if not 0 < self.top_p <= 1:
+            raise PipoError("--top-p must lie in (0, 1]")
         if self.iters <= self.warmup:
             raise PipoError(
                 f"--iters {self.iters} is not above --warmup {self.warmup}: the whole run "
@@ -104,4 +131,6 @@ class TrainConfig:
         d = {k: v for k, v in asdict(self).items() if k not in self.RESUMABLE}
         d["model"] = str(Path(self.model).expanduser().resolve())
         d["data"] = str(Path(self.data).expanduser().resolve())
+        if self.teacher and Path(self.teacher).expanduser().exists():
+            d["teacher"] = str(Path(self.teacher).expanduser().resolve())
         return d

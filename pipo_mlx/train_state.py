@@ -79,8 +79,10 @@ def _our_entries(out: Path) -> List[Path]:
     return [
         p
         for p in out.iterdir()
-        if p.name in (RUN_FILE, POINTER_FILE, "fused")
-        or p.name.startswith(("step-", ".step-", f".{POINTER_FILE}", f".{RUN_FILE}", ".fused"))
+        if p.name in (RUN_FILE, POINTER_FILE, "fused", "rollouts")
+        or p.name.startswith(
+            ("step-", ".step-", f".{POINTER_FILE}", f".{RUN_FILE}", ".fused", ".rollouts")
+        )
     ]
 
 

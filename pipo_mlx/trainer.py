@@ -1,6 +1,8 @@
-"""Supervised training of the PIPO heads with MLX: the schedule and the loop
-(docs/design.md §6). The pieces it runs live beside it: `data` (records to
-batches), `adapters` (what trains), `losses`, `train_state` (checkpoints).
+"""Training the PIPO heads with MLX: the schedule and the loop (docs/design.md §6, §7).
+
+The pieces it runs live beside it: `stages` (where batches come from and what
+their loss is: supervised or distillation), `adapters` (what trains),
+`train_state` (checkpoints).
 """
 
 import signal
@@ -17,11 +19,11 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import backbones
 from .adapters import fuse_model, grad_checkpointing, setup_trainable
-from .data import load_data, train_batch, valid_batches
 from .hf_io import read_json
-from .losses import Meter, evaluate, pipo_losses
 from .model import PipoModel
 from .model_io import load, save_folder
+from .rollouts import check_teacher
+from .stages import make_stage
 from .train_config import TrainConfig
 from .train_state import restore_checkpoint, save_checkpoint, start_run
 
@@ -83,18 +85,21 @@ def train(cfg: TrainConfig) -> PipoModel:
     or fused when cfg.fuse)."""
     cfg.check()
     model, tokenizer = load(cfg.model)
-    pad = model.pad_token_id
-    train_set, valid_set = load_data(cfg.data, tokenizer, pad, cfg)
+    teacher = None
+    if cfg.teacher:
+        teacher, _ = check_teacher(cfg.teacher, tokenizer, model.args.vocab_size)
+    stage = make_stage(cfg, model, tokenizer, teacher)
     mx.random.seed(cfg.seed)  # LoRA's initial A matrices
     dtypes = setup_trainable(model, cfg)
     optimizer = make_optimizer(cfg)
     out = start_run(cfg)
+    stage.prepare(out)
     step = restore_checkpoint(out, model, optimizer) if cfg.resume else 0
 
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_all = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(
-        f"[INFO] {len(train_set)} train / {len(valid_set)} valid records; trainable "
+        f"[INFO] {cfg.stage}: {stage.describe()}; trainable "
         f"{n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters "
         f"({'LoRA r=%d + heads' % cfg.lora_rank if cfg.lora else 'heads only'})",
         flush=True,
@@ -103,20 +108,19 @@ def train(cfg: TrainConfig) -> PipoModel:
         print(f"[INFO] resumed from step {step} in {out}", flush=True)
 
     weights = (cfg.mtp_loss_weight, cfg.conf_loss_weight)
-
-    def loss_fn(ids: mx.array, labels: mx.array):
-        terms, stats = pipo_losses(model, ids, labels, cfg.ce_chunk_size)
-        return terms["lm"] + weights[0] * terms["mtp"] + weights[1] * terms["conf"], stats
-
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    loss_and_grad = nn.value_and_grad(model, stage.loss)
 
     def validate(at: int) -> None:
-        if valid_set:
-            meter = evaluate(model, valid_batches(valid_set, cfg, pad), cfg.ce_chunk_size)
+        meter = stage.meter()
+        model.eval()
+        for batch in stage.valid():
+            meter.add(stage.loss(batch)[1])
+        model.train()
+        if meter.sums:
             print(f"[val] step {at}: {meter.line(weights)}", flush=True)
 
     model.train()
-    meter, tokens, elapsed = Meter(), 0, 0.0
+    meter, tokens, elapsed = stage.meter(), 0, 0.0
     with (
         backbones.of(model).fast_training(model),
         grad_checkpointing(model, cfg.grad_checkpoint),
@@ -129,12 +133,12 @@ def train(cfg: TrainConfig) -> PipoModel:
             tic = time.perf_counter()
             grads = None
             for j in range(cfg.grad_accumulation):
-                ids, labels, n = train_batch(train_set, step * cfg.grad_accumulation + j, cfg, pad)
-                (_, stats), g = loss_and_grad(ids, labels)
+                batch = stage.batch(step * cfg.grad_accumulation + j)
+                (_, stats), g = loss_and_grad(batch)
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 mx.eval(grads)
                 meter.add(stats)
-                tokens += n
+                tokens += stage.tokens(batch)
             if cfg.grad_accumulation > 1:
                 grads = tree_map(lambda g: g / cfg.grad_accumulation, grads)
             if cfg.grad_clip > 0:
@@ -156,7 +160,7 @@ def train(cfg: TrainConfig) -> PipoModel:
                     f"ETA {_clock(eta)}",
                     flush=True,
                 )
-                meter, tokens, elapsed = Meter(), 0, 0.0
+                meter, tokens, elapsed = stage.meter(), 0, 0.0
             if step % cfg.val_every == 0 or step == cfg.iters:
                 validate(step)
             if step % cfg.save_every == 0 or step == cfg.iters or stop_requested():

@@ -422,7 +422,7 @@ def test_bad_input(pipo):
     limit = model.args.max_position_embeddings
     with pytest.raises(PipoError, match=f"more than the model's context of {limit}"):
         list(stream_generate(model, tokenizer, prompt_of(limit + 1)))
-    for bad in ("abc", "nan", None):
+    for bad in ("abc", "nan", [0.5]):
         with pytest.raises(PipoError, match="is not a number"):
             list(stream_generate(model, tokenizer, prompt_of(4), conf_threshold=bad))
     with pytest.raises(PipoError, match="max_tokens"):
@@ -439,8 +439,21 @@ def test_bad_input(pipo):
 def test_library_errors_are_value_errors_and_numbers_are_numbers(mlx_pipo):
     model, tokenizer = load(str(mlx_pipo))
     assert issubclass(PipoError, ValueError)
-    for threshold in ("0.5", None, float("nan")):
+    for threshold in ("0.5", float("nan")):
         with pytest.raises(ValueError, match="is not a number"):
             generate(model, tokenizer, "hi", max_tokens=2, conf_threshold=threshold)
     with pytest.raises(ValueError, match="prefill_step_size must be at least 2"):
         generate(model, tokenizer, "hi", max_tokens=2, prefill_step_size=1)
+
+
+def test_the_threshold_stored_with_the_model_is_the_default(mlx_pipo):
+    model, tokenizer = load(str(mlx_pipo))
+
+    def kept(**kw):
+        return sum(r.from_draft for r in stream_generate(model, tokenizer, "hi", max_tokens=12, **kw))
+
+    assert model.args.conf_threshold is None  # none stored: the paper's 0.95
+    assert kept() == kept(conf_threshold=0.95)
+    model.args.conf_threshold = -1.0  # as a config's pipo.conf_threshold would set it
+    assert kept() == kept(conf_threshold=-1.0) == 6
+    assert kept(conf_threshold=1.0) == 0  # an explicit threshold wins

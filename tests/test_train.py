@@ -17,11 +17,19 @@ import pytest
 import torch
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from pipo_mlx import load
+from pipo_mlx import load, stages
 from pipo_mlx import trainer as T
 from pipo_mlx.adapters import grad_checkpointing, setup_trainable
 from pipo_mlx.backbones.qwen3_5 import LORA_KEYS
-from pipo_mlx.data import IGNORE, Example, _epoch_order, load_data, load_dataset, pair_layout
+from pipo_mlx.data import (
+    IGNORE,
+    Example,
+    _epoch_order,
+    load_data,
+    load_dataset,
+    pair_layout,
+    train_batch,
+)
 from pipo_mlx.losses import chunked_cross_entropy, pipo_losses, with_grad
 from pipo_mlx.train_config import TrainConfig
 from pipo_mlx.train_state import restore_checkpoint
@@ -87,14 +95,14 @@ def adapters(out: Path) -> dict:
 
 def interrupt_at(monkeypatch, micro_step: int) -> None:
     """Press Ctrl-C while micro-batch `micro_step` is being built."""
-    real = T.train_batch
+    real = stages.train_batch
 
     def batch(examples, k, cfg, pad):
         if k == micro_step:
             os.kill(os.getpid(), signal.SIGINT)
         return real(examples, k, cfg, pad)
 
-    monkeypatch.setattr(T, "train_batch", batch)
+    monkeypatch.setattr(stages, "train_batch", batch)
 
 
 # -- pairing and PAD augmentation ---------------------------------------------
@@ -137,9 +145,9 @@ def test_batches_are_a_function_of_seed_and_step(data, mlx_pipo):
     _, tok = load(str(mlx_pipo))
     cfg = config(mlx_pipo, data, "unused", max_pad_ratio=0.5)
     examples, _ = load_data(str(data), tok, PAD, cfg)
-    a, b = T.train_batch(examples, 7, cfg, PAD), T.train_batch(examples, 7, cfg, PAD)
+    a, b = train_batch(examples, 7, cfg, PAD), train_batch(examples, 7, cfg, PAD)
     assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a[:2], b[:2]))
-    c = T.train_batch(examples, 8, cfg, PAD)
+    c = train_batch(examples, 8, cfg, PAD)
     assert not np.array_equal(np.array(a[0])[:, :8], np.array(c[0])[:, :8])
     # one epoch of micro-batches visits every example once
     n = len(examples) // cfg.batch_size
@@ -151,7 +159,7 @@ def test_batches_are_a_function_of_seed_and_step(data, mlx_pipo):
             )
     assert sorted(seen) == list(range(n * cfg.batch_size))
     # within a row, PAD is only ever a pair's second token and its label is ignored
-    ids, labels, _ = T.train_batch(examples, 3, cfg, PAD)
+    ids, labels, _ = train_batch(examples, 3, cfg, PAD)
     ids, labels = np.array(ids), np.array(labels)
     for row, lab in zip(ids, labels):
         real = row[: np.flatnonzero(row != PAD).max() + 1]

@@ -83,10 +83,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     parser.add_argument(
         "--conf-threshold",
-        default=str(DEFAULT_CONF_THRESHOLD),
         help="keep the drafted second token when the confidence head's probability "
-        f"reaches this (default {DEFAULT_CONF_THRESHOLD}, the paper's); below 0 keeps all, "
-        "1 or more keeps none and skips the draft",
+        "reaches this; below 0 keeps all, 1 or more keeps none and skips the draft "
+        f"(default: the threshold stored with the model, else {DEFAULT_CONF_THRESHOLD}, "
+        "the paper's)",
     )
     parser.add_argument(
         "--token2-head",
@@ -227,7 +227,9 @@ def read_prompt(args: argparse.Namespace) -> Optional[str]:
 
 def run(args: argparse.Namespace) -> None:
     """The body of generate.py; `args` are its parsed options."""
-    threshold = check_threshold(_threshold(args.conf_threshold))
+    threshold = None
+    if args.conf_threshold is not None:
+        threshold = check_threshold(_threshold(args.conf_threshold))
     check_args(args)
     prompt = read_prompt(args)
 
@@ -238,6 +240,12 @@ def run(args: argparse.Namespace) -> None:
     if not tokenizer.has_chat_template and not args.ignore_chat_template:
         print("[INFO] the tokenizer has no chat template: prompts are sent as raw text",
               file=sys.stderr)
+    if threshold is None and model.args.conf_threshold is not None:
+        print(
+            f"[INFO] confidence threshold {model.args.conf_threshold} (the model's "
+            "recommended; --conf-threshold overrides it)",
+            file=sys.stderr,
+        )
     if args.seed is not None:
         mx.random.seed(args.seed)
     session = ChatSession(

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 from ..errors import PipoError
 from ..hf_io import read_json
-from ..train_config import OPTIMIZERS, TrainConfig
+from ..train_config import KL_MODES, OPTIMIZERS, STAGES, TrainConfig
 from ..train_state import RUN_FILE
 from ..trainer import train
 from . import run_cli
@@ -21,12 +21,15 @@ D = TrainConfig("", "", "")  # defaults, for the help text
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=(
-            "Supervised training of a PIPO model (docs/design.md §6). DATA holds "
-            "train.jsonl and optionally valid.jsonl, one record per line in mlx-lm's "
-            'formats: {"text": ...}, {"prompt": ..., "completion": ...} or '
-            '{"messages": [...]} (the last message is the completion). Loss is on the '
-            "completion only where a prompt exists. Checkpoints go to ADAPTER; Ctrl-C "
-            "saves one and --resume continues exactly."
+            "Train a PIPO model's heads and LoRA. DATA holds train.jsonl and optionally "
+            "valid.jsonl, one record per line in mlx-lm's formats: "
+            '{"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]} '
+            "(the last message is the completion). Stage sft (docs/design.md §6) learns "
+            "the completions, or, with --teacher, the teacher's own answers to the "
+            "records' prompts (generated into ADAPTER/rollouts/ first). Stage opd "
+            "(docs/design.md §7) distills toward --teacher on the student's own "
+            "rollouts of the prompts. Checkpoints go to ADAPTER; Ctrl-C saves one and "
+            "--resume continues exactly."
         )
     )
     p.add_argument("--model", required=True, help="a converted PIPO folder (convert.py output)")
@@ -38,6 +41,51 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="ADAPTER",
         help="output folder for checkpoints (and fused/)",
+    )
+
+    g = p.add_argument_group("stage and teacher")
+    g.add_argument(
+        "--stage",
+        choices=STAGES,
+        default=D.stage,
+        help="sft: supervised (default); opd: on-policy distillation, needs --teacher",
+    )
+    g.add_argument(
+        "--teacher",
+        help="an ordinary causal LM folder or repo id that mlx-lm loads, sharing the "
+        "student's tokenizer (e.g. the base model)",
+    )
+    g.add_argument(
+        "--kl",
+        choices=KL_MODES,
+        default=D.kl,
+        help="opd: reverse KL over the whole vocabulary (full), over the union of both "
+        "top-k sets and the sampled token (topk, default, the paper's), or at the "
+        "sampled token only (sampled)",
+    )
+    g.add_argument("--kl-topk", type=int, default=D.kl_topk, help=f"k for --kl topk (default {D.kl_topk})")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=D.max_new_tokens,
+        help=f"most tokens per rollout, the teacher's or the student's (default {D.max_new_tokens})",
+    )
+    g.add_argument(
+        "--temp", type=float, default=D.temp, help=f"rollout temperature (default {D.temp:g})"
+    )
+    g.add_argument("--top-p", type=float, default=D.top_p, help=f"rollout top-p (default {D.top_p})")
+    g.add_argument("--top-k", type=int, default=D.top_k, help=f"rollout top-k (default {D.top_k})")
+    g.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=D.presence_penalty,
+        help=f"rollout presence penalty (default {D.presence_penalty})",
+    )
+    g.add_argument(
+        "--conf-threshold",
+        type=float,
+        default=D.conf_threshold,
+        help=f"opd: the gate of the student's rollouts (default {D.conf_threshold}, the paper's)",
     )
 
     g = p.add_argument_group("data")

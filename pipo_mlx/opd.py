@@ -1,0 +1,273 @@
+"""On-policy distillation, the second training stage (docs/design.md §7).
+
+The student (the PIPO model being trained) writes its own completions with the
+real decoder, gate on; a frozen teacher scores them; the student's token1 and
+token2 distributions are pulled onto the teacher's by reverse KL, and the
+confidence head learns the probability that a teacher-run verifier would accept
+each drafted token2.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .decode import generate_step, make_prompt_cache
+from .errors import PipoError
+from .losses import chunked_rows, with_grad
+from .model import PipoModel
+
+KL_MODES = ("full", "topk", "sampled")
+
+
+@dataclass
+class Rollouts:
+    """A batch of student completions in the pair layout, PADs where drafts were dropped."""
+
+    ids: np.ndarray  # [B, T] right-padded with PAD to one even length
+    lengths: np.ndarray  # [B] real length of each row (prompt + completion)
+    starts: np.ndarray  # [B] where each completion starts (the paired prompt's length)
+    steps: int  # decode steps the rollouts took
+    kept: int  # token2s the gate kept
+
+
+def rollout(
+    model: PipoModel,
+    prompts: Sequence[List[int]],
+    eos_token_ids: Sequence[int],
+    max_tokens: int,
+    sampler: Any,
+    logits_processors: Optional[list],
+    conf_threshold: float,
+) -> Rollouts:
+    """Each prompt completed by the student's own fused decoder (docs/design.md §5)."""
+    pad = model.pad_token_id
+    rows, starts, steps, kept = [], [], 0, 0
+    was_training = model.training
+    model.eval()  # the decoder's route: mlx-lm's inference kernels
+    for prompt in prompts:
+        cache = make_prompt_cache(model)
+        for _, _, from_draft in generate_step(
+            prompt,
+            model,
+            eos_token_ids=eos_token_ids,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=logits_processors,
+            conf_threshold=conf_threshold,
+            prompt_cache=cache,
+        ):
+            kept += from_draft
+            steps += not from_draft
+        rows.append(cache.tokens)
+        starts.append(len(prompt) + len(prompt) % 2)
+    model.train(was_training)
+    lengths = np.array([len(r) for r in rows])
+    ids = np.full((len(rows), int(lengths.max())), pad, np.int32)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = r
+    return Rollouts(ids, lengths, np.array(starts), steps, kept)
+
+
+def last_real(ids: np.ndarray, pad: int) -> np.ndarray:
+    """For each position p, the index in the PAD-free sequence of the last real
+    token at or before p (-1 before the first)."""
+    return np.cumsum(ids != pad) - 1
+
+
+def teacher_logprobs(
+    teacher: nn.Module, ids: np.ndarray, length: int, positions: np.ndarray, pad: int
+) -> np.ndarray:
+    """The teacher's log-probabilities for the token at each of `positions` of one row.
+
+    The teacher reads the row without its PADs (it never saw a mid-sequence PAD);
+    the prediction for position p comes from the last real token before p, so a
+    PAD slot gets the teacher's prediction after the real token preceding it.
+    """
+    row = ids[:length]
+    real = row[row != pad]
+    logits = teacher(mx.array(real)[None])[0].astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return np.array(logprobs[mx.array(last_real(row, pad)[positions - 1])])
+
+
+@dataclass
+class Slots:
+    """The predicted slots of a rollout batch, token1 or token2 kind."""
+
+    rows: np.ndarray  # batch row of each slot
+    pairs: np.ndarray  # pair index i: token1 slot 2i+2 reads h_i, token2 slot 2i+3 reads m_i
+    tokens: np.ndarray  # the rolled-out token; PAD for a dropped draft
+    teacher: np.ndarray  # [N, V] teacher log-probabilities for the slot
+
+
+def slots(
+    teacher: nn.Module, batch: Rollouts, pad: int, eos_token_ids: Sequence[int]
+) -> Tuple[Slots, Slots]:
+    """The completion's token1 and token2 slots with the teacher's view of each.
+
+    A token2 slot after an EOS token1 is left out: its PAD marks the end, not a
+    dropped draft, and nothing follows it to predict.
+    """
+    kinds: Tuple[Dict[str, list], Dict[str, list]] = ({}, {})
+    for b in range(len(batch.ids)):
+        row, n, start = batch.ids[b], int(batch.lengths[b]), int(batch.starts[b])
+        positions = np.arange(start, n)
+        second = positions % 2 == 1
+        after_eos = np.isin(row[positions - 1], list(eos_token_ids)) & second
+        positions = positions[~after_eos]
+        lp = teacher_logprobs(teacher, row, n, positions, pad)
+        for kind, pick in zip(kinds, (positions % 2 == 0, positions % 2 == 1)):
+            p = positions[pick]
+            for key, value in (
+                ("rows", np.full(len(p), b)),
+                ("pairs", (p - 2) // 2),
+                ("tokens", row[p]),
+                ("teacher", lp[pick]),
+            ):
+                kind.setdefault(key, []).append(value)
+    return tuple(Slots(**{k: np.concatenate(v) for k, v in kind.items()}) for kind in kinds)
+
+
+def _masked_logsumexp(x: mx.array, keep: mx.array) -> mx.array:
+    return mx.logsumexp(mx.where(keep, x, -mx.inf), axis=-1, keepdims=True)
+
+
+def reverse_kl(
+    logits: mx.array,
+    teacher: mx.array,
+    tokens: mx.array,
+    fill: mx.array,
+    mode: str,
+    k: int = 32,
+) -> Tuple[mx.array, mx.array, mx.array]:
+    """Per slot: (the term to differentiate, KL(p_s || p_t) or its estimate, α).
+
+    `logits` are the student's [N, V] at temperature 1, `teacher` the teacher's
+    log-probabilities, `tokens` the rolled-out tokens; where `fill`, the slot held
+    a PAD and takes the student's argmax as its token. α, the acceptance
+    probability of speculative sampling, is detached.
+    """
+    student = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    y = mx.stop_gradient(mx.where(fill, mx.argmax(logits, axis=-1), tokens))[:, None]
+    ratio = mx.stop_gradient(
+        mx.take_along_axis(student, y, axis=-1) - mx.take_along_axis(teacher, y, axis=-1)
+    )[:, 0]
+    accept = mx.exp(-mx.maximum(ratio, 0.0))  # min(1, p_t(y) / p_s(y))
+    if mode == "sampled":
+        # Unbiased on-policy form: the gradient of KL is E_y[ratio · ∇ log p_s(y)].
+        term = ratio * mx.take_along_axis(student, y, axis=-1)[:, 0]
+        return term, ratio, accept
+    if mode == "full":
+        p = mx.exp(student)
+        kl = (p * (student - teacher)).sum(axis=-1)
+        overlap = mx.stop_gradient(mx.minimum(p, mx.exp(teacher)).sum(axis=-1))  # 1 - TV
+        return kl, kl, overlap
+    # topk: both distributions renormalised over the union of the student's and
+    # the teacher's top-k and the rolled-out token.
+    top_s = mx.argpartition(-student, k - 1, axis=-1)[:, :k]
+    top_t = mx.argpartition(-teacher, k - 1, axis=-1)[:, :k]
+    keep = mx.zeros(student.shape, dtype=mx.bool_)
+    for idx in (top_s, top_t, y):
+        keep = mx.put_along_axis(keep, mx.stop_gradient(idx), mx.array(True), axis=-1)
+    # Entries outside the set are zeroed after normalising, not left at -inf,
+    # so no NaN reaches the gradient through the masked branch.
+    s = mx.where(keep, student - _masked_logsumexp(student, keep), 0.0)
+    t = mx.where(keep, teacher - _masked_logsumexp(teacher, keep), 0.0)
+    kl = mx.where(keep, mx.exp(s) * (s - t), 0.0).sum(axis=-1)
+    return kl, kl, accept
+
+
+def opd_losses(
+    model: PipoModel,
+    batch: Rollouts,
+    token1: Slots,
+    token2: Slots,
+    mode: str,
+    k: int,
+    chunk_size: int,
+) -> Tuple[Dict[str, mx.array], Dict[str, float]]:
+    """The three OPD losses for one batch of rollouts, and sums for the reports.
+
+    kl1:  reverse KL of the backbone's token1 distribution, token1 slots
+    kl2:  reverse KL of the MTP's token2 distribution, token2 slots
+    conf: BCE of conf(sg(h), sg(m)) against α on the token2 slots
+    Each is a mean over its slots; the KLs reach the model through the frozen
+    LM head's input, chunk by chunk, as the supervised losses do.
+    """
+    pad = model.pad_token_id
+    ids = mx.array(batch.ids)
+    x = model.compress(ids).astype(model.model.embed_tokens.weight.dtype)
+    h = model.model(None, input_embeddings=x)[:, :-1]
+    m = model.draft(ids[:, 2::2], h)
+    mx.eval(h, m)
+    n1, n2 = len(token1.tokens), len(token2.tokens)
+
+    def slot_loss(count: int):
+        def loss(logits, teacher, tokens, fill):
+            term, kl, alpha = reverse_kl(logits, teacher, tokens, fill, mode, k)
+            return term.sum() / max(count, 1), (kl, alpha)
+
+        return loss
+
+    terms, outputs = {}, {}
+    for name, states, slot, count in (("kl1", h, token1, n1), ("kl2", m, token2, n2)):
+        x_slots = states[mx.array(slot.rows), mx.array(slot.pairs)]
+        extras = (slot.teacher, slot.tokens, slot.tokens == pad)
+        grad, (kl, alpha) = chunked_rows(
+            model.lm_logits, x_slots, slot_loss(count), extras, chunk_size
+        )
+        terms[name] = with_grad(float(kl.sum() / max(count, 1)), x_slots, mx.array(grad))
+        outputs[name] = (kl, alpha)
+
+    z = model.confidence(mx.stop_gradient(h), mx.stop_gradient(m))
+    z = z[mx.array(token2.rows), mx.array(token2.pairs)]
+    alpha = outputs["kl2"][1]
+    terms["conf"] = (mx.logaddexp(0.0, z) - mx.array(alpha) * z).sum() / max(n2, 1)
+    stats = {
+        "n1": n1,
+        "kl1": float(outputs["kl1"][0].sum()),
+        "n2": n2,
+        "kl2": float(outputs["kl2"][0].sum()),
+        "conf": terms["conf"].item() * n2,
+        "alpha": float(alpha.sum()),
+        "pred": float(mx.sigmoid(z).sum()),
+        "steps": batch.steps,
+        "kept": batch.kept,
+    }
+    return terms, stats
+
+
+class OPDMeter:
+    """Sums of opd_losses stats over batches, reported as means."""
+
+    def __init__(self) -> None:
+        self.sums: Dict[str, float] = {}
+
+    def add(self, stats: Dict[str, float]) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def means(self) -> Dict[str, float]:
+        s = self.sums
+        n1, n2, steps = (max(s.get(key, 0), 1) for key in ("n1", "n2", "steps"))
+        return {
+            "kl1": s["kl1"] / n1,
+            "kl2": s["kl2"] / n2,
+            "conf": s["conf"] / n2,
+            "alpha": s["alpha"] / n2,
+            "pred": s["pred"] / n2,
+            "keep": s["kept"] / steps,
+            "tokens_per_step": (s["steps"] + s["kept"]) / steps,
+        }
+
+    def line(self, weights: Tuple[float, float]) -> str:
+        m = self.means()
+        total = m["kl1"] + weights[0] * m["kl2"] + weights[1] * m["conf"]
+        return (
+            f"loss {total:.3f} (kl tok1 {m['kl1']:.3f}, kl tok2 {m['kl2']:.3f}, "
+            f"conf {m['conf']:.3f}) | α {m['alpha']:.3f} vs conf pred {m['pred']:.3f} | "
+            f"rollouts keep {m['keep']:.2f}, {m['tokens_per_step']:.2f} tok/step"
+        )

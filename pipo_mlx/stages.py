@@ -1,0 +1,180 @@
+"""The two training stages as the trainer's loop sees them: where a micro-batch
+comes from, what its loss is, and how it is reported (docs/design.md §6, §7).
+
+Both make micro-batch k a pure function of (seed, k) and the model's weights,
+so a resumed run repeats exactly what an uninterrupted one would have done.
+"""
+
+from pathlib import Path
+from typing import Any, Iterator, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .data import batch_indices, load_data, train_batch, valid_batches
+from .errors import PipoError
+from .losses import Meter, pipo_losses
+from .model import PipoModel
+from .opd import OPDMeter, Rollouts, Slots, opd_losses, rollout, slots
+from .rollouts import Prompt, read_prompts, teacher_rollouts
+from .train_config import TrainConfig
+
+ROLLOUTS = "rollouts"  # the teacher's answers for supervised training, in the run folder
+
+
+def _splits(folder: Path) -> Tuple[Path, Optional[Path]]:
+    if not (folder / "train.jsonl").is_file():
+        raise PipoError(
+            f"{folder / 'train.jsonl'} not found; the data folder holds train.jsonl and, "
+            "optionally, valid.jsonl"
+        )
+    valid = folder / "valid.jsonl"
+    return folder / "train.jsonl", valid if valid.is_file() else None
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class SupervisedStage:
+    """Stage 1: cross-entropies and the confidence BCE on records, or on the
+    teacher's answers to their prompts when there is a teacher."""
+
+    def __init__(
+        self, cfg: TrainConfig, model: PipoModel, tokenizer: TokenizerWrapper, teacher: Any
+    ):
+        self.cfg, self.model, self.tokenizer, self.teacher = cfg, model, tokenizer, teacher
+        self.weights = (cfg.mtp_loss_weight, cfg.conf_loss_weight)
+        if teacher is None:
+            self.train_set, self.valid_set = load_data(
+                cfg.data, tokenizer, model.pad_token_id, cfg
+            )
+        else:  # checked now, answered once the run folder exists (prepare)
+            train, valid = _splits(Path(cfg.data).expanduser())
+            self.prompts = {"train": read_prompts(train, tokenizer)}
+            if valid is not None:
+                self.prompts["valid"] = read_prompts(valid, tokenizer)
+
+    def prepare(self, out: Path) -> None:
+        if self.teacher is None:
+            return
+        cfg, folder = self.cfg, out / ROLLOUTS
+        folder.mkdir(exist_ok=True)
+        for split, prompts in self.prompts.items():
+            teacher_rollouts(
+                self.teacher, self.tokenizer, prompts, folder / f"{split}.jsonl",
+                max_tokens=cfg.max_new_tokens, temp=cfg.temp, top_p=cfg.top_p,
+                top_k=cfg.top_k, presence_penalty=cfg.presence_penalty,
+                seed=_seed(cfg.seed, 4, split == "valid"), identity={"teacher": cfg.teacher},
+                log=lambda line: print(line, flush=True),
+            )
+        self.train_set, self.valid_set = load_data(
+            str(folder), self.tokenizer, self.model.pad_token_id, cfg, skip_empty=True
+        )
+
+    def describe(self) -> str:
+        return f"{len(self.train_set)} train / {len(self.valid_set)} valid records"
+
+    def batch(self, micro_step: int) -> Tuple[mx.array, mx.array, int]:
+        return train_batch(self.train_set, micro_step, self.cfg, self.model.pad_token_id)
+
+    def valid(self) -> Iterator[Tuple[mx.array, mx.array, int]]:
+        return valid_batches(self.valid_set, self.cfg, self.model.pad_token_id)
+
+    def loss(self, batch: Tuple[mx.array, mx.array, int]):
+        ids, labels, _ = batch
+        terms, stats = pipo_losses(self.model, ids, labels, self.cfg.ce_chunk_size)
+        w = self.weights
+        return terms["lm"] + w[0] * terms["mtp"] + w[1] * terms["conf"], stats
+
+    @staticmethod
+    def tokens(batch: Tuple[mx.array, mx.array, int]) -> int:
+        return batch[2]
+
+    @staticmethod
+    def meter() -> Meter:
+        return Meter()
+
+
+OPDBatch = Tuple[Rollouts, Slots, Slots]
+
+
+class DistillationStage:
+    """Stage 2: the student's own rollouts, scored by the teacher (docs/design.md §7)."""
+
+    def __init__(
+        self, cfg: TrainConfig, model: PipoModel, tokenizer: TokenizerWrapper, teacher: Any
+    ):
+        self.cfg, self.model, self.teacher = cfg, model, teacher
+        self.weights = (cfg.mtp_loss_weight, cfg.conf_loss_weight)
+        self.eos = sorted(tokenizer.eos_token_ids)
+        train, valid = _splits(Path(cfg.data).expanduser())
+        self.train_set = self._fitting(read_prompts(train, tokenizer), train)
+        self.valid_set = self._fitting(read_prompts(valid, tokenizer), valid) if valid else []
+        self.sampler = make_sampler(cfg.temp, cfg.top_p, top_k=cfg.top_k)
+        self.processors = make_logits_processors(presence_penalty=cfg.presence_penalty or None)
+
+    def _fitting(self, prompts: List[Prompt], path: Path) -> List[Prompt]:
+        limit = self.cfg.max_seq_length
+        for p in prompts:
+            if len(p.tokens) + len(p.tokens) % 2 + 2 > limit:
+                raise PipoError(
+                    f"{path} line {p.line}: the prompt has {len(p.tokens)} tokens, which "
+                    f"leaves no room for a completion within --max-seq-length {limit}; "
+                    "shorten the prompt or raise --max-seq-length"
+                )
+        return prompts
+
+    def prepare(self, out: Path) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"{len(self.train_set)} train / {len(self.valid_set)} valid prompts"
+
+    def _rollouts(self, prompts: List[Prompt], seed: int) -> OPDBatch:
+        cfg = self.cfg
+        room = cfg.max_seq_length - max(len(p.tokens) + len(p.tokens) % 2 for p in prompts)
+        mx.random.seed(seed)
+        batch = rollout(
+            self.model, [p.tokens for p in prompts], self.eos, min(cfg.max_new_tokens, room),
+            self.sampler, self.processors, cfg.conf_threshold,
+        )
+        return (batch, *slots(self.teacher, batch, self.model.pad_token_id, self.eos))
+
+    def batch(self, micro_step: int) -> OPDBatch:
+        cfg = self.cfg
+        picked = batch_indices(len(self.train_set), micro_step, cfg.batch_size, cfg.seed)
+        return self._rollouts([self.train_set[i] for i in picked], _seed(cfg.seed, 2, micro_step))
+
+    def valid(self) -> Iterator[OPDBatch]:
+        size = self.cfg.batch_size
+        count = -(-len(self.valid_set) // size)
+        if self.cfg.val_batches != -1:
+            count = min(count, self.cfg.val_batches)
+        for b in range(count):
+            chunk = self.valid_set[b * size : (b + 1) * size]
+            yield self._rollouts(chunk, _seed(self.cfg.seed, 3, b))
+
+    def loss(self, batch: OPDBatch):
+        cfg, w = self.cfg, self.weights
+        terms, stats = opd_losses(self.model, *batch, cfg.kl, cfg.kl_topk, cfg.ce_chunk_size)
+        return terms["kl1"] + w[0] * terms["kl2"] + w[1] * terms["conf"], stats
+
+    @staticmethod
+    def tokens(batch: OPDBatch) -> int:
+        return int(batch[0].lengths.sum())
+
+    @staticmethod
+    def meter() -> OPDMeter:
+        return OPDMeter()
+
+
+def make_stage(
+    cfg: TrainConfig, model: PipoModel, tokenizer: TokenizerWrapper, teacher: Optional[nn.Module]
+):
+    """The stage `cfg` asks for; reads and checks its data, writes nothing."""
+    stage = DistillationStage if cfg.stage == "opd" else SupervisedStage
+    return stage(cfg, model, tokenizer, teacher)
