@@ -167,6 +167,7 @@ def reverse_kl(
         return kl, kl, overlap
     # topk: both distributions renormalised over the union of the student's and
     # the teacher's top-k and the rolled-out token.
+    k = min(k, logits.shape[-1])
     top_s = mx.argpartition(-student, k - 1, axis=-1)[:, :k]
     top_t = mx.argpartition(-teacher, k - 1, axis=-1)[:, :k]
     keep = mx.zeros(student.shape, dtype=mx.bool_)
@@ -214,6 +215,10 @@ def opd_losses(
 
     terms, outputs = {}, {}
     for name, states, slot, count in (("kl1", h, token1, n1), ("kl2", m, token2, n2)):
+        if count == 0:  # e.g. every rollout ended on an EOS token1: no token2 slot
+            terms[name] = mx.array(0.0)
+            outputs[name] = (np.zeros(0, np.float32), np.zeros(0, np.float32))
+            continue
         x_slots = states[mx.array(slot.rows), mx.array(slot.pairs)]
         extras = (slot.teacher, slot.tokens, slot.tokens == pad)
         grad, (kl, alpha) = chunked_rows(

@@ -1,6 +1,6 @@
 """Build the shipped demo models from scratch: one command, resumable.
 
-    python scripts/make_demo.py      # everything: about 75 minutes on 2 CPU cores
+    python scripts/make_demo.py      # everything: under 120 minutes on 2 CPU cores
 
 Stages, each skipped when its output exists (delete a folder under --work to
 redo it; an interrupted pretraining run resumes from its last checkpoint):
@@ -13,9 +13,17 @@ redo it; an interrupted pretraining run resumes from its last checkpoint):
   4. hf          the pretrained model in the Hugging Face layout, with an MTP
                  head seeded from its last full-attention layer
   5. convert     `convert.py` adds fresh PIPO heads; the backbone's logits are
-                 checked against the pretrained model's
-  6. heads       `train_heads.py` trains the heads and LoRA, then fuses them
-  7. ship        8-bit copies of the base model (an mlx-lm folder) and the
+                 checked against the pretrained model's; the base is also
+                 written as an mlx-lm folder, the teacher of the next stages
+  6. prompts     train/valid prompts: the opening lines of stdlib chunks
+  7. sft         `train_heads.py --teacher base`: the base answers the
+                 prompts, and the heads and LoRA learn those answers
+  8. opd         `train_heads.py --stage opd --teacher base`: on-policy
+                 distillation toward the base (docs/design.md §7), then fused
+  9. threshold   `benchmarks/eval_quality.py --split valid` picks the fastest
+                 threshold whose quality stays with the base's; it is stored
+                 in the model's config (the test split is never used here)
+ 10. ship        8-bit copies of the base model (an mlx-lm folder) and the
                  PIPO model into --out
 
 Why a script and not a package module: it is run once per release, drives the
@@ -332,33 +340,66 @@ def run_tool(cmd: List[str]) -> None:
     subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
 
 
-# -- 6: heads data ------------------------------------------------------------------
+# -- 5b, 6: the teacher and the prompts -------------------------------------------------
 
 
-def write_heads_data(work: Path, tokenizer, seq_len: int) -> None:
-    """train.jsonl / valid.jsonl of {"text": ...} records, each about seq_len
-    tokens of one file (whole lines), so truncation in train_heads.py is rare."""
-    dst = work / "heads-data"
+def write_base(work: Path) -> None:
+    """The pretrained model as an mlx-lm folder (float32): the teacher of stages 7 and 8."""
+    from mlx_lm.models.qwen3_5 import Model as MlxLmQwen35, ModelArgs as MlxLmArgs
+    from mlx_lm.utils import load_tokenizer
+
+    from pipo_mlx.model_io import save_folder
+
+    hf_config = json.loads((work / "hf" / "config.json").read_text())
+    # mlx-lm builds Qwen3.5 from model_type "qwen3_5" (text_config may be flat).
+    config = {**hf_config, "model_type": "qwen3_5"}
+    base = MlxLmQwen35(MlxLmArgs.from_dict(config))
+    base.load_weights(list(base.sanitize(mx.load(str(work / "hf" / "model.safetensors"))).items()))
+    save_folder(work / "base", base, config, load_tokenizer(pinned_tokenizer(work)))
+
+
+def write_prompts(work: Path, tokenizer, prompt_tokens: int, counts: Dict[str, int], seed: int) -> None:
+    """train.jsonl / valid.jsonl of {"prompt": ...} records: the opening whole
+    lines (about prompt_tokens tokens) of code chunks, sampled across the split."""
+    dst = work / "prompts"
     dst.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "valid"):
-        records = []
+    for split, count in counts.items():
+        openings = []
         for _, text in read_split(split):
-            chunk, used = [], 0
-            for line in text.splitlines(keepends=True):
-                n = len(tokenizer.encode(line, add_special_tokens=False))
-                if chunk and used + n > seq_len:
-                    records.append("".join(chunk))
-                    chunk, used = [], 0
-                chunk.append(line)
-                used += n
-            if chunk:
-                records.append("".join(chunk))
+            lines = text.splitlines(keepends=True)
+            for start in range(0, len(lines), 40):  # one candidate per 40 lines
+                chunk, used = [], 0
+                for line in lines[start:]:
+                    n = len(tokenizer.encode(line, add_special_tokens=False))
+                    if chunk and used + n > prompt_tokens:
+                        break
+                    chunk.append(line)
+                    used += n
+                if "".join(chunk).strip():
+                    openings.append("".join(chunk))
+        rng = np.random.default_rng([seed, 5, split == "valid"])
+        picked = rng.choice(len(openings), size=min(count, len(openings)), replace=False)
         tmp = dst / f".{split}.jsonl.tmp"
         with open(tmp, "w") as f:
-            for r in records:
-                f.write(json.dumps({"text": r}) + "\n")
+            for i in sorted(picked):
+                f.write(json.dumps({"prompt": openings[i]}) + "\n")
         os.replace(tmp, dst / f"{split}.jsonl")
-        log(f"heads data: {len(records)} {split} records")
+        log(f"prompts: {len(picked)} {split} records of {len(openings)} openings")
+
+
+def choose_threshold(work: Path, fused: Path, prompts: int) -> float:
+    """The eval's recommended threshold on the valid split, stored in the model's config."""
+    out = work / "threshold"
+    run_tool([
+        "benchmarks/eval_quality.py", "--pipo", str(fused), "--base", str(work / "base"),
+        "--split", "valid", "--prompts", str(prompts), "--out", str(out),
+    ])
+    choice = json.loads((out / "eval_quality.json").read_text())["recommended_threshold"]
+    config = json.loads((fused / "config.json").read_text())
+    config["pipo"]["conf_threshold"] = choice
+    write_json_atomic(fused / "config.json", config)
+    log(f"recommended threshold {choice} stored in {fused / 'config.json'}")
+    return choice
 
 
 # -- 7: shipping ---------------------------------------------------------------------
@@ -383,22 +424,19 @@ def pinned_tokenizer(work: Path) -> Path:
 
 
 def ship(work: Path, out: Path, q_bits: int) -> None:
-    from mlx_lm.models.qwen3_5 import Model as MlxLmQwen35, ModelArgs as MlxLmArgs
+    import mlx_lm
     from mlx_lm.utils import load_tokenizer, quantize_model
 
     from pipo_mlx import load
     from pipo_mlx.model_io import save_folder
 
-    hf_config = json.loads((work / "hf" / "config.json").read_text())
-    # mlx-lm builds Qwen3.5 from model_type "qwen3_5" (text_config may be flat).
-    base_config = {**hf_config, "model_type": "qwen3_5"}
-    base = MlxLmQwen35(MlxLmArgs.from_dict(base_config))
-    base.load_weights(list(base.sanitize(mx.load(str(work / "hf" / "model.safetensors"))).items()))
-    base, base_config = quantize_model(base, base_config, 64, q_bits)
     tokenizer = load_tokenizer(pinned_tokenizer(work))
+    base, _ = mlx_lm.load(str(work / "base"))
+    base_config = json.loads((work / "base" / "config.json").read_text())
+    base, base_config = quantize_model(base, base_config, 64, q_bits)
     save_folder(out / "base-stdlib", base, base_config, tokenizer)
 
-    fused = work / "heads" / "fused"
+    fused = work / "opd" / "fused"
     pipo, _ = load(str(fused))
     pipo_config = json.loads((fused / "config.json").read_text())
     pipo, pipo_config = quantize_model(pipo, pipo_config, 64, q_bits)
@@ -420,10 +458,12 @@ def main() -> None:
     g.add_argument("--vocab-size", type=int, default=4096)
     g.add_argument("--hidden-size", type=int, default=192)
     g.add_argument("--intermediate-size", type=int, default=512)
-    g.add_argument("--layers", type=int, default=6)
-    g.add_argument("--full-attention-interval", type=int, default=3)
+    # Deep and narrow: the LM head is a smaller share of each step, which raises
+    # the keep-all bound (docs/design.md §5) to about 1.6x.
+    g.add_argument("--layers", type=int, default=12)
+    g.add_argument("--full-attention-interval", type=int, default=4)
     g = p.add_argument_group("pretraining")
-    g.add_argument("--pretrain-minutes", type=float, default=60, help="wall-clock budget (default 60)")
+    g.add_argument("--pretrain-minutes", type=float, default=50, help="wall-clock budget (default 50)")
     g.add_argument("--max-steps", type=int, default=0, help="stop earlier after this many steps (0: no limit)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--seq-len", type=int, default=256)
@@ -434,10 +474,17 @@ def main() -> None:
     g.add_argument("--val-batches", type=int, default=4)
     g.add_argument("--save-minutes", type=float, default=5)
     g = p.add_argument_group("PIPO heads (train_heads.py)")
-    g.add_argument("--heads-iters", type=int, default=500)
+    g.add_argument("--prompt-tokens", type=int, default=48, help="prompt length (default 48)")
+    g.add_argument("--train-prompts", type=int, default=1500)
+    g.add_argument("--valid-prompts", type=int, default=32)
+    g.add_argument("--answer-tokens", type=int, default=128, help="rollout length (default 128)")
+    g.add_argument("--sft-iters", type=int, default=400)
+    g.add_argument("--opd-iters", type=int, default=150)
     g.add_argument("--heads-lr", type=float, default=1e-3)
     g.add_argument("--heads-batch-size", type=int, default=8)
+    g.add_argument("--opd-batch-size", type=int, default=4)
     g.add_argument("--lora-rank", type=int, default=16)
+    g.add_argument("--threshold-prompts", type=int, default=24)
     g.add_argument("--q-bits", type=int, default=8, choices=[4, 8], help="shipped weights' bits (default 8)")
     args = p.parse_args()
     work, out = Path(args.work).resolve(), Path(args.out).resolve()
@@ -469,18 +516,36 @@ def main() -> None:
         run_tool(["convert.py", "--hf-path", str(work / "hf"), "--mlx-path", str(work / "pipo-fresh")])
     check_round_trip(work, config)
 
-    if not (work / "heads" / "fused").exists():
-        if not (work / "heads-data" / "valid.jsonl").exists():
-            write_heads_data(work, tokenizer, args.seq_len)
-        resume = ["--resume"] if (work / "heads").exists() else []
+    if not (work / "base").exists():
+        write_base(work)
+    if not (work / "prompts" / "valid.jsonl").exists():
+        counts = {"train": args.train_prompts, "valid": args.valid_prompts}
+        write_prompts(work, tokenizer, args.prompt_tokens, counts, args.seed)
+
+    common = [
+        "--teacher", str(work / "base"), "--data", str(work / "prompts"),
+        "--max-new-tokens", str(args.answer_tokens), "--max-seq-length", str(args.seq_len),
+        "--learning-rate", str(args.heads_lr), "--lora-rank", str(args.lora_rank),
+        "--lora-alpha", str(2 * args.lora_rank), "--seed", str(args.seed), "--fuse",
+    ]
+    if not (work / "sft" / "fused").exists():
+        resume = ["--resume"] if (work / "sft" / "train_config.json").exists() else []
         run_tool([
-            "train_heads.py", "--model", str(work / "pipo-fresh"), "--data", str(work / "heads-data"),
-            "--adapter-path", str(work / "heads"), "--iters", str(args.heads_iters),
-            "--batch-size", str(args.heads_batch_size), "--max-seq-length", str(args.seq_len),
-            "--learning-rate", str(args.heads_lr), "--lora-rank", str(args.lora_rank),
-            "--lora-alpha", str(2 * args.lora_rank), "--warmup", "30", "--seed", str(args.seed),
-            "--val-every", "100", "--save-every", "50", "--fuse", *resume,
+            "train_heads.py", "--model", str(work / "pipo-fresh"), "--adapter-path", str(work / "sft"),
+            "--iters", str(args.sft_iters), "--batch-size", str(args.heads_batch_size),
+            "--warmup", "30", "--val-every", "100", "--save-every", "50", *common, *resume,
         ])
+    if not (work / "opd" / "fused").exists():
+        resume = ["--resume"] if (work / "opd" / "train_config.json").exists() else []
+        run_tool([
+            "train_heads.py", "--model", str(work / "sft" / "fused"), "--adapter-path", str(work / "opd"),
+            "--stage", "opd", "--iters", str(args.opd_iters), "--batch-size", str(args.opd_batch_size),
+            "--warmup", "10", "--val-every", "50", "--val-batches", "2", "--save-every", "10",
+            "--steps-per-report", "5", *common, *resume,
+        ])
+    config = json.loads((work / "opd" / "fused" / "config.json").read_text())
+    if "conf_threshold" not in config["pipo"]:
+        choose_threshold(work, work / "opd" / "fused", args.threshold_prompts)
     ship(work, out, args.q_bits)
     log(f"recipe done in {(time.time() - started) / 60:.1f} min")
 
