@@ -161,6 +161,28 @@ def _has_target(labels: np.ndarray) -> bool:
     return bool((labels[2:] != IGNORE).any())
 
 
+def read_jsonl(path: Path, what: str) -> Iterator[Tuple[int, str, Any]]:
+    """(line number, "FILE line N", record) for each non-blank line of a JSON Lines file."""
+    if not path.is_file():
+        raise PipoError(f"{path} not found; put {what} there, one JSON object per line")
+    try:
+        # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends.
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PipoError(f"{path} is unreadable ({e}); it must be UTF-8 JSON Lines") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PipoError(
+                f"{where}: not valid JSON ({e.msg}, column {e.colno}); fix or remove the line"
+            ) from None
+        yield lineno, where, record
+
+
 def load_dataset(
     path: Path,
     tokenizer: TokenizerWrapper,
@@ -174,24 +196,8 @@ def load_dataset(
     `skip_empty` drops (and counts) records with nothing to train on instead of
     refusing them: a teacher's rollouts may hold answers that are EOS alone.
     """
-    if not path.is_file():
-        raise PipoError(f"{path} not found; put training records there, one JSON object per line")
-    try:
-        # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends.
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise PipoError(f"{path} is unreadable ({e}); it must be UTF-8 JSON Lines") from None
     examples, truncated, dropped, empty = [], 0, 0, 0
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PipoError(
-                f"{where}: not valid JSON ({e.msg}, column {e.colno}); fix or remove the line"
-            ) from None
+    for _, where, record in read_jsonl(path, "training records"):
         try:
             ex = encode_record(record, tokenizer, where)
         except EmptyRecord:

@@ -136,8 +136,8 @@ def pipo_losses(
     return {"lm": with_grad(lm, h, g_h), "mtp": with_grad(mtp, m, g_m), "conf": conf}, stats
 
 
-class Meter:
-    """Sums of pipo_losses stats over batches, reported as means."""
+class Sums:
+    """Per-batch stats summed over batches; subclasses report them as means."""
 
     def __init__(self) -> None:
         self.sums: Dict[str, float] = {}
@@ -145,6 +145,10 @@ class Meter:
     def add(self, stats: Dict[str, float]) -> None:
         for k, v in stats.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
+
+
+class Meter(Sums):
+    """pipo_losses stats over batches, reported as means."""
 
     def means(self) -> Dict[str, float]:
         s = self.sums

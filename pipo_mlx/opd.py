@@ -15,8 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .decode import generate_step, make_prompt_cache
-from .errors import PipoError
-from .losses import chunked_rows, with_grad
+from .losses import Sums, chunked_rows, with_grad
 from .model import PipoModel
 
 KL_MODES = ("full", "topk", "sampled")
@@ -245,15 +244,8 @@ def opd_losses(
     return terms, stats
 
 
-class OPDMeter:
-    """Sums of opd_losses stats over batches, reported as means."""
-
-    def __init__(self) -> None:
-        self.sums: Dict[str, float] = {}
-
-    def add(self, stats: Dict[str, float]) -> None:
-        for key, value in stats.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
+class OPDMeter(Sums):
+    """opd_losses stats over batches, reported as means."""
 
     def means(self) -> Dict[str, float]:
         s = self.sums

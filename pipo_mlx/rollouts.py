@@ -25,6 +25,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load
 
+from .data import read_jsonl
 from .errors import PipoError
 from .hf_io import read_json
 
@@ -89,25 +90,10 @@ def _encode(record: Any, tokenizer: TokenizerWrapper, where: str) -> List[int]:
 
 def read_prompts(path: Path, tokenizer: TokenizerWrapper) -> List[Prompt]:
     """The prompts of a JSONL file in `pipo_mlx.data`'s formats; any answer is dropped."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipoError(f"{path} not found; put prompts there, one JSON object per line")
-    try:
-        # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends.
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise PipoError(f"{path} is unreadable ({e}); it must be UTF-8 JSON Lines") from None
-    prompts = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PipoError(f"{where}: not valid JSON ({e.msg}, column {e.colno}); "
-                            "fix or remove the line") from None
-        prompts.append(Prompt(record, _encode(record, tokenizer, where), lineno))
+    prompts = [
+        Prompt(record, _encode(record, tokenizer, where), lineno)
+        for lineno, where, record in read_jsonl(Path(path), "prompts")
+    ]
     if not prompts:
         raise PipoError(f"{path} holds no prompts; write one {{\"prompt\": ...}} object per line")
     return prompts

@@ -477,7 +477,8 @@ def main() -> None:
     g.add_argument("--prompt-tokens", type=int, default=48, help="prompt length (default 48)")
     g.add_argument("--train-prompts", type=int, default=1500)
     g.add_argument("--valid-prompts", type=int, default=32)
-    g.add_argument("--answer-tokens", type=int, default=128, help="rollout length (default 128)")
+    g.add_argument("--answer-tokens", type=int, default=128, help="the base's answers (default 128)")
+    g.add_argument("--opd-answer-tokens", type=int, default=64, help="the student's rollouts (default 64)")
     g.add_argument("--sft-iters", type=int, default=400)
     g.add_argument("--opd-iters", type=int, default=150)
     g.add_argument("--heads-lr", type=float, default=1e-3)
@@ -523,8 +524,7 @@ def main() -> None:
         write_prompts(work, tokenizer, args.prompt_tokens, counts, args.seed)
 
     common = [
-        "--teacher", str(work / "base"), "--data", str(work / "prompts"),
-        "--max-new-tokens", str(args.answer_tokens), "--max-seq-length", str(args.seq_len),
+        "--teacher", str(work / "base"), "--data", str(work / "prompts"), "--max-seq-length", str(args.seq_len),
         "--learning-rate", str(args.heads_lr), "--lora-rank", str(args.lora_rank),
         "--lora-alpha", str(2 * args.lora_rank), "--seed", str(args.seed), "--fuse",
     ]
@@ -533,13 +533,15 @@ def main() -> None:
         run_tool([
             "train_heads.py", "--model", str(work / "pipo-fresh"), "--adapter-path", str(work / "sft"),
             "--iters", str(args.sft_iters), "--batch-size", str(args.heads_batch_size),
-            "--warmup", "30", "--val-every", "100", "--save-every", "50", *common, *resume,
+            "--max-new-tokens", str(args.answer_tokens), "--warmup", "30", "--val-every", "100",
+            "--save-every", "50", *common, *resume,
         ])
     if not (work / "opd" / "fused").exists():
         resume = ["--resume"] if (work / "opd" / "train_config.json").exists() else []
         run_tool([
             "train_heads.py", "--model", str(work / "sft" / "fused"), "--adapter-path", str(work / "opd"),
             "--stage", "opd", "--iters", str(args.opd_iters), "--batch-size", str(args.opd_batch_size),
+            "--max-new-tokens", str(args.opd_answer_tokens),
             "--warmup", "10", "--val-every", "50", "--val-batches", "2", "--save-every", "10",
             "--steps-per-report", "5", *common, *resume,
         ])
