@@ -394,7 +394,11 @@ def choose_threshold(work: Path, fused: Path, prompts: int) -> float:
         "benchmarks/eval_quality.py", "--pipo", str(fused), "--base", str(work / "base"),
         "--split", "valid", "--prompts", str(prompts), "--out", str(out),
     ])
-    choice = json.loads((out / "eval_quality.json").read_text())["recommended_threshold"]
+    recommended = json.loads((out / "eval_quality.json").read_text())["recommended"]
+    choice = recommended["threshold"]
+    log(f"threshold choice on the valid split: {choice} ({recommended['reason']})")
+    if choice is None:  # none kept the base's quality: the paper's gate, stated explicitly
+        choice = 0.95
     config = json.loads((fused / "config.json").read_text())
     config["pipo"]["conf_threshold"] = choice
     write_json_atomic(fused / "config.json", config)
@@ -479,7 +483,7 @@ def main() -> None:
     g.add_argument("--valid-prompts", type=int, default=32)
     g.add_argument("--answer-tokens", type=int, default=128, help="the base's answers (default 128)")
     g.add_argument("--opd-answer-tokens", type=int, default=64, help="the student's rollouts (default 64)")
-    g.add_argument("--sft-iters", type=int, default=400)
+    g.add_argument("--sft-iters", type=int, default=300)
     g.add_argument("--opd-iters", type=int, default=150)
     g.add_argument("--heads-lr", type=float, default=1e-3)
     g.add_argument("--heads-batch-size", type=int, default=8)
