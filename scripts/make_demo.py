@@ -488,6 +488,10 @@ def main() -> None:
     g.add_argument("--heads-lr", type=float, default=1e-3)
     g.add_argument("--heads-batch-size", type=int, default=8)
     g.add_argument("--opd-batch-size", type=int, default=4)
+    # A quarter of the supervised rate: at 1e-3 the rollouts drifted and both KLs rose.
+    g.add_argument("--opd-lr", type=float, default=2.5e-4)
+    # Exact over this 4096-token vocabulary, and its α is the smooth 1 - TV.
+    g.add_argument("--opd-kl", default="full", choices=["full", "topk", "sampled"])
     g.add_argument("--lora-rank", type=int, default=16)
     g.add_argument("--threshold-prompts", type=int, default=24)
     g.add_argument("--q-bits", type=int, default=8, choices=[4, 8], help="shipped weights' bits (default 8)")
@@ -529,7 +533,7 @@ def main() -> None:
 
     common = [
         "--teacher", str(work / "base"), "--data", str(work / "prompts"), "--max-seq-length", str(args.seq_len),
-        "--learning-rate", str(args.heads_lr), "--lora-rank", str(args.lora_rank),
+        "--lora-rank", str(args.lora_rank),
         "--lora-alpha", str(2 * args.lora_rank), "--seed", str(args.seed), "--fuse",
     ]
     if not (work / "sft" / "fused").exists():
@@ -537,7 +541,8 @@ def main() -> None:
         run_tool([
             "train_heads.py", "--model", str(work / "pipo-fresh"), "--adapter-path", str(work / "sft"),
             "--iters", str(args.sft_iters), "--batch-size", str(args.heads_batch_size),
-            "--max-new-tokens", str(args.answer_tokens), "--warmup", "30", "--val-every", "100",
+            "--max-new-tokens", str(args.answer_tokens), "--learning-rate", str(args.heads_lr),
+            "--warmup", "30", "--val-every", "100",
             "--save-every", "50", *common, *resume,
         ])
     if not (work / "opd" / "fused").exists():
@@ -545,7 +550,8 @@ def main() -> None:
         run_tool([
             "train_heads.py", "--model", str(work / "sft" / "fused"), "--adapter-path", str(work / "opd"),
             "--stage", "opd", "--iters", str(args.opd_iters), "--batch-size", str(args.opd_batch_size),
-            "--max-new-tokens", str(args.opd_answer_tokens),
+            "--max-new-tokens", str(args.opd_answer_tokens), "--learning-rate", str(args.opd_lr),
+            "--kl", args.opd_kl,
             "--warmup", "10", "--val-every", "50", "--val-batches", "2", "--save-every", "10",
             "--steps-per-report", "5", *common, *resume,
         ])
