@@ -484,7 +484,7 @@ def main() -> None:
     g.add_argument("--answer-tokens", type=int, default=128, help="the base's answers (default 128)")
     g.add_argument("--opd-answer-tokens", type=int, default=64, help="the student's rollouts (default 64)")
     g.add_argument("--sft-iters", type=int, default=300)
-    g.add_argument("--opd-iters", type=int, default=150)
+    g.add_argument("--opd-iters", type=int, default=250)
     g.add_argument("--heads-lr", type=float, default=1e-3)
     g.add_argument("--heads-batch-size", type=int, default=8)
     g.add_argument("--opd-batch-size", type=int, default=4)
