@@ -18,8 +18,6 @@ from .decode import generate_step, make_prompt_cache
 from .losses import Sums, chunked_rows, with_grad
 from .model import PipoModel
 
-KL_MODES = ("full", "topk", "sampled")
-
 
 @dataclass
 class Rollouts:
