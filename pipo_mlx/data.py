@@ -289,6 +289,12 @@ def batch_indices(n: int, micro_step: int, batch_size: int, seed: int) -> List[i
     return [int(_epoch_order(seed, p // n, n)[p % n]) for p in positions]
 
 
+def seed_of(*parts: int) -> int:
+    """A seed drawn from `parts`, e.g. (seed, purpose, step): a separate random
+    stream for each purpose and step, the same on every run and every resume."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
 @lru_cache(maxsize=2)
 def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, 1, epoch]).permutation(n)

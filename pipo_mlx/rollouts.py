@@ -19,13 +19,12 @@ from typing import IO, Any, Callable, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.generate import batch_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load
 
-from .data import read_jsonl
+from .data import read_jsonl, seed_of
 from .errors import PipoError
 from .hf_io import read_json
 
@@ -147,10 +146,6 @@ def _open_parts(parts: Path, settings: dict) -> None:
                         "to start over")
 
 
-def _clock(seconds: float) -> str:
-    return str(timedelta(seconds=int(seconds)))
-
-
 def teacher_rollouts(
     teacher: nn.Module, tokenizer: TokenizerWrapper, prompts: List[Prompt], out_file: Path, *,
     max_tokens: int, temp: float = 1.0, top_p: float = 0.95, top_k: int = 20,
@@ -202,7 +197,7 @@ def teacher_rollouts(
     for b in todo:
         chunk = batches[b]
         # Seeded per batch, so a batch draws the same tokens in a resumed run.
-        mx.random.seed(int(np.random.SeedSequence([seed, b]).generate_state(1)[0]))
+        mx.random.seed(seed_of(seed, b))
         result = batch_generate(
             teacher, tokenizer, [p.tokens for p in chunk], max_tokens=max_tokens,
             sampler=sampler, logits_processors=processors, return_token_ids=True,
@@ -215,7 +210,8 @@ def teacher_rollouts(
         empty += [p.line for p, t in zip(chunk, result.texts) if not t.strip()]
         elapsed = time.perf_counter() - start
         log(f"[rollouts] {done}/{len(prompts)} prompts | {generated / elapsed:.0f} tok/s | "
-            f"{_clock(elapsed)} elapsed | ETA {_clock(elapsed / made * (len(prompts) - done))}")
+            f"{timedelta(seconds=int(elapsed))} elapsed | "
+            f"ETA {timedelta(seconds=int(elapsed / made * (len(prompts) - done)))}")
     if cut:
         # Training closes every answer (EOS or end of turn), so these teach stopping early.
         log(f"[rollouts] {cut} of {made} answers stopped at max_tokens {max_tokens}, unfinished")

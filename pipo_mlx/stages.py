@@ -10,11 +10,10 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .data import batch_indices, load_data, train_batch, valid_batches
+from .data import batch_indices, load_data, seed_of, train_batch, valid_batches
 from .errors import PipoError
 from .losses import Meter, pipo_losses
 from .model import PipoModel
@@ -33,10 +32,6 @@ def _splits(folder: Path) -> Tuple[Path, Optional[Path]]:
         )
     valid = folder / "valid.jsonl"
     return folder / "train.jsonl", valid if valid.is_file() else None
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 class SupervisedStage:
@@ -68,7 +63,7 @@ class SupervisedStage:
                 self.teacher, self.tokenizer, prompts, folder / f"{split}.jsonl",
                 max_tokens=cfg.max_new_tokens, temp=cfg.temp, top_p=cfg.top_p,
                 top_k=cfg.top_k, presence_penalty=cfg.presence_penalty,
-                seed=_seed(cfg.seed, 4, split == "valid"), identity={"teacher": cfg.teacher},
+                seed=seed_of(cfg.seed, 4, split == "valid"), identity={"teacher": cfg.teacher},
                 log=lambda line: print(line, flush=True),
             )
         self.train_set, self.valid_set = load_data(
@@ -147,7 +142,7 @@ class DistillationStage:
     def batch(self, micro_step: int) -> OPDBatch:
         cfg = self.cfg
         picked = batch_indices(len(self.train_set), micro_step, cfg.batch_size, cfg.seed)
-        return self._rollouts([self.train_set[i] for i in picked], _seed(cfg.seed, 2, micro_step))
+        return self._rollouts([self.train_set[i] for i in picked], seed_of(cfg.seed, 2, micro_step))
 
     def valid(self) -> Iterator[OPDBatch]:
         size = self.cfg.batch_size
@@ -156,7 +151,7 @@ class DistillationStage:
             count = min(count, self.cfg.val_batches)
         for b in range(count):
             chunk = self.valid_set[b * size : (b + 1) * size]
-            yield self._rollouts(chunk, _seed(self.cfg.seed, 3, b))
+            yield self._rollouts(chunk, seed_of(self.cfg.seed, 3, b))
 
     def loss(self, batch: OPDBatch):
         cfg, w = self.cfg, self.weights

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -72,12 +73,6 @@ def _stop_on_ctrl_c() -> Iterator[Callable[[], bool]]:
         yield requested.is_set
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}"
 
 
 def train(cfg: TrainConfig) -> PipoModel:
@@ -157,7 +152,7 @@ def train(cfg: TrainConfig) -> PipoModel:
                 print(
                     f"[train] step {step}/{cfg.iters} | {meter.line(weights)} | lr {lr:.2e} | "
                     f"{tokens / elapsed:.0f} tok/s | peak {mx.get_peak_memory() / 1e9:.2f} GB | "
-                    f"ETA {_clock(eta)}",
+                    f"ETA {timedelta(seconds=int(eta))}",
                     flush=True,
                 )
                 meter, tokens, elapsed = stage.meter(), 0, 0.0
