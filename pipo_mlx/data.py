@@ -39,10 +39,31 @@ def _rendered(make: Callable[[], Any], where: str) -> List[int]:
         ) from None
 
 
-def _prompt(tokenizer: TokenizerWrapper, messages: list, tools: Any, generation_prompt: bool):
-    return lambda: tokenizer.apply_chat_template(
-        messages, tools=tools, add_generation_prompt=generation_prompt, return_dict=False
+def render_chat(
+    tokenizer: TokenizerWrapper, messages: list, tools: Any, generation_prompt: bool, where: str
+) -> List[int]:
+    """A conversation through the chat template, as token ids."""
+    return _rendered(
+        lambda: tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=generation_prompt, return_dict=False
+        ),
+        where,
     )
+
+
+def check_messages(messages: Any, where: str) -> None:
+    """A non-empty list of {role, content} objects, else one line naming the record."""
+    if not (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
+            for m in messages
+        )
+    ):
+        raise PipoError(
+            f"{where}: 'messages' must be a non-empty list of {{role, content}} objects"
+        )
 
 
 class EmptyRecord(PipoError):
@@ -67,17 +88,7 @@ def encode_record(record: Any, tokenizer: TokenizerWrapper, where: str) -> Examp
     tools = record.get("tools")
     if "messages" in record:
         messages = record["messages"]
-        if not (
-            isinstance(messages, list)
-            and messages
-            and all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
-                for m in messages
-            )
-        ):
-            raise PipoError(
-                f"{where}: 'messages' must be a non-empty list of {{role, content}} objects"
-            )
+        check_messages(messages, where)
         if not tokenizer.has_chat_template:
             raise PipoError(
                 f"{where}: 'messages' records need a chat template, and this tokenizer "
@@ -89,7 +100,7 @@ def encode_record(record: Any, tokenizer: TokenizerWrapper, where: str) -> Examp
         full = _rendered(lambda: ChatDataset([], tokenizer).process(record)[0], where)
         last_is_answer = messages[-1]["role"] == "assistant"
         prompt = (
-            _rendered(_prompt(tokenizer, messages[:-1], tools, last_is_answer), where)
+            render_chat(tokenizer, messages[:-1], tools, last_is_answer, where)
             if len(messages) > 1
             else []
         )
@@ -103,7 +114,7 @@ def encode_record(record: Any, tokenizer: TokenizerWrapper, where: str) -> Examp
             completions = CompletionsDataset([], tokenizer, "prompt", "completion", False)
             full = _rendered(lambda: completions.process(record)[0], where)
             user = [{"role": "user", "content": p}]
-            prompt = _rendered(_prompt(tokenizer, user, tools, True), where)
+            prompt = render_chat(tokenizer, user, tools, True, where)
         else:
             prompt = tokenizer.encode(p)
             full = prompt + tokenizer.encode(c, add_special_tokens=False) + [tokenizer.eos_token_id]

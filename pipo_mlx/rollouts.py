@@ -24,7 +24,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load
 
-from .data import read_jsonl, seed_of
+from .data import check_messages, read_jsonl, render_chat, seed_of
 from .errors import PipoError
 from .hf_io import read_json
 
@@ -41,26 +41,13 @@ class Prompt:
 def _conversation(record: dict, where: str) -> list:
     """The messages the teacher continues; a trailing assistant turn is an old answer."""
     messages = record["messages"]
-    if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
-            for m in messages)):
-        raise PipoError(f"{where}: 'messages' must be a non-empty list of {{role, content}} "
-                        "objects")
+    check_messages(messages, where)
     if messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     if not any(m["content"].strip() for m in messages):
         raise PipoError(f"{where}: the conversation has no prompt before its answer; "
                         "add a user message")
     return messages
-
-
-def _render(tokenizer: TokenizerWrapper, messages: list, tools: Any, where: str) -> List[int]:
-    try:
-        return list(tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=True, return_dict=False))
-    except Exception as e:  # jinja templates raise their own errors on odd conversations
-        raise PipoError(f"{where}: the chat template rejects this record "
-                        f"({type(e).__name__}: {e})") from None
 
 
 def _encode(record: Any, tokenizer: TokenizerWrapper, where: str) -> List[int]:
@@ -72,13 +59,13 @@ def _encode(record: Any, tokenizer: TokenizerWrapper, where: str) -> List[int]:
         if not tokenizer.has_chat_template:
             raise PipoError(f"{where}: 'messages' records need a chat template and this tokenizer "
                             "has none; write {\"prompt\": ...} records instead")
-        return _render(tokenizer, messages, tools, where)
+        return render_chat(tokenizer, messages, tools, True, where)
     if "prompt" in record:
         text = record["prompt"]
         if not isinstance(text, str) or not text.strip():
             raise PipoError(f"{where}: 'prompt' must be a non-empty string; fill or remove it")
         if tokenizer.has_chat_template:
-            return _render(tokenizer, [{"role": "user", "content": text}], tools, where)
+            return render_chat(tokenizer, [{"role": "user", "content": text}], tools, True, where)
         return list(tokenizer.encode(text))
     if "text" in record:
         raise PipoError(f"{where}: a 'text' record has no prompt for the teacher to answer; "
@@ -218,7 +205,7 @@ def teacher_rollouts(
     if empty:
         lines = ", ".join(map(str, empty))
         log(f"[rollouts] {len(empty)} answers are empty (prompt lines {lines}); training "
-            "refuses empty answers: remove those records first")
+            "leaves them out")
 
     def join(f: IO[bytes]) -> None:
         for shard in shards:

@@ -150,7 +150,7 @@ def test_empty_answers_are_reported(base, prompts, tmp_path, monkeypatch):
     logs = []
     out = run(base, prompts[:3], tmp_path / "out.jsonl", log=logs.append)
     assert [json.loads(line)["completion"] for line in out.read_text().splitlines()] == [""] * 3
-    assert "3 answers are empty (prompt lines 1, 2, 3); training refuses" in logs[-2]
+    assert "3 answers are empty (prompt lines 1, 2, 3); training leaves them out" in logs[-2]
 
 
 def refused(match: str, call, *args, **kw) -> str:
