@@ -27,6 +27,13 @@ TOKENIZER_PATTERNS = [
 ]
 
 
+def is_hub_id(spec: str) -> bool:
+    """`owner/name[/subfolder]` naming no local path: a Hugging Face repo id."""
+    if Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
+        return False
+    return len(spec.strip("/").split("/")) >= 2
+
+
 def resolve(path_or_repo: str, patterns: List[str]) -> Path:
     """A local folder as is, or `owner/name[/subfolder]` fetched from the hub.
 
@@ -38,9 +45,9 @@ def resolve(path_or_repo: str, patterns: List[str]) -> Path:
         if not local.is_dir():
             raise PipoError(f"{local} is a file; pass the folder that holds config.json")
         return local
-    parts = path_or_repo.strip("/").split("/")
-    if path_or_repo.startswith((".", "/", "~")) or len(parts) < 2:
+    if not is_hub_id(path_or_repo):
         raise PipoError(f"folder {local} does not exist; check the path")
+    parts = path_or_repo.strip("/").split("/")
     repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
     prefix = f"{sub}/" if sub else ""
     try:

@@ -9,7 +9,6 @@ an interrupted run resumes and ends with exactly the file an uninterrupted one w
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,9 +25,7 @@ from mlx_lm.utils import load
 
 from .data import check_messages, read_jsonl, render_chat, seed_of
 from .errors import PipoError
-from .hf_io import read_json
-
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+from .hf_io import is_hub_id, read_json
 
 
 @dataclass
@@ -254,7 +251,7 @@ def check_teacher(
     teacher's: distillation (§7) compares the two models' logits entry by entry.
     """
     folder = Path(teacher_path).expanduser()
-    local = folder.exists() or not _HUB_ID.fullmatch(teacher_path)
+    local = not is_hub_id(teacher_path)
     if local:
         if not folder.is_dir():
             raise PipoError(f"teacher folder {folder} not found; pass an mlx-lm model folder "

@@ -23,7 +23,7 @@ from ..decode import (
     print_figures,
 )
 from ..errors import PipoError
-from ..hf_io import read_json
+from ..hf_io import is_hub_id, read_json
 from ..model_io import load
 from ..token2_head import DEFAULT_TOKEN2_HEAD, make_token2_head, parse_token2_head
 from . import run_cli
@@ -146,7 +146,7 @@ def load_model(
         )
         return load(str(demo))
     local = Path(spec).expanduser()
-    if local.exists() or spec.startswith((".", "/", "~")) or "/" not in spec:
+    if not is_hub_id(spec):
         if local.is_dir() and "pipo" not in read_json(local / "config.json", "a model folder"):
             raise not_converted(spec)
         return load(str(local))
