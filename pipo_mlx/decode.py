@@ -80,7 +80,7 @@ def recommended_threshold(model: PipoModel, given: Optional[float] = None) -> fl
     """`given`, else the threshold stored with the model, else the paper's 0.95."""
     if given is not None:
         return given
-    stored = getattr(model.args, "conf_threshold", None)
+    stored = model.args.conf_threshold
     return DEFAULT_CONF_THRESHOLD if stored is None else stored
 
 

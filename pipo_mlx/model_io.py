@@ -71,17 +71,6 @@ def cast(model: nn.Module, dtype: mx.Dtype) -> None:
     )
 
 
-def _replace(tmp: Path, dst: Path) -> None:
-    """Move a complete `tmp` into place at `dst`, replacing what was there."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dst)
-
-
 def save_folder(
     dst: Path,
     model: nn.Module,
@@ -104,7 +93,13 @@ def save_folder(
         tokenizer.save_pretrained(str(tmp))
         if generation_config is not None and generation_config.is_file():
             shutil.copy2(generation_config, tmp / generation_config.name)
-        _replace(tmp, dst)
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
