@@ -92,6 +92,18 @@ def with_grad(value: float, x: mx.array, grad: mx.array) -> mx.array:
     return value + ((x - mx.stop_gradient(x)) * grad).sum()
 
 
+def predicting_states(model: PipoModel, ids: mx.array) -> Tuple[mx.array, mx.array]:
+    """The teacher-forced states that predict each pair's slots, evaluated: backbone
+    states h[:, :-1] for the token1 slots, MTP states m for the token2 slots."""
+    # The heads may be float32 master weights (setup_trainable); the backbone
+    # keeps its own dtype.
+    x = model.compress(ids).astype(model.model.embed_tokens.weight.dtype)
+    h = model.model(None, input_embeddings=x)[:, :-1]
+    m = model.draft(ids[:, 2::2], h)
+    mx.eval(h, m)
+    return h, m
+
+
 def pipo_losses(
     model: PipoModel, ids: mx.array, labels: mx.array, chunk_size: int
 ) -> Tuple[Dict[str, mx.array], Dict[str, float]]:
@@ -102,12 +114,7 @@ def pipo_losses(
     conf: BCE of conf(sg(h[:, :-1]), sg(m)) against sg(p_mtp(true token2))
     Each is a mean over the positions whose label is not IGNORE.
     """
-    # The heads may be float32 master weights (setup_trainable); the backbone
-    # keeps its own dtype.
-    x = model.compress(ids).astype(model.model.embed_tokens.weight.dtype)
-    h = model.model(None, input_embeddings=x)[:, :-1]
-    m = model.draft(ids[:, 2::2], h)
-    mx.eval(h, m)
+    h, m = predicting_states(model, ids)
     lm, g_h, _, hit1, n1 = chunked_cross_entropy(model.lm_logits, h, labels[:, 2::2], chunk_size)
     mtp, g_m, ce2, hit2, n2 = chunked_cross_entropy(model.lm_logits, m, labels[:, 3::2], chunk_size)
 

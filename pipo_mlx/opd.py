@@ -15,7 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .decode import generate_step, make_prompt_cache
-from .losses import Sums, chunked_rows, with_grad
+from .losses import Sums, chunked_rows, predicting_states, with_grad
 from .model import PipoModel
 
 
@@ -196,11 +196,7 @@ def opd_losses(
     LM head's input, chunk by chunk, as the supervised losses do.
     """
     pad = model.pad_token_id
-    ids = mx.array(batch.ids)
-    x = model.compress(ids).astype(model.model.embed_tokens.weight.dtype)
-    h = model.model(None, input_embeddings=x)[:, :-1]
-    m = model.draft(ids[:, 2::2], h)
-    mx.eval(h, m)
+    h, m = predicting_states(model, mx.array(batch.ids))
     n1, n2 = len(token1.tokens), len(token2.tokens)
 
     def slot_loss(count: int):
