@@ -1,7 +1,6 @@
 """Generate text with a PIPO model: one backbone step yields one or two tokens."""
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -181,19 +180,6 @@ def _stream(responses: Iterator[PipoResponse], tokenizer: TokenizerWrapper, verb
         print_figures(response)
 
 
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if math.isnan(value):
-        raise PipoError(
-            f"--conf-threshold {text!r} is not a number; use e.g. 0.95 (below 0 keeps "
-            "every drafted token, 1 or more never drafts)"
-        )
-    return value
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be refused before loading a model."""
     parse_token2_head(args.token2_head)
@@ -229,7 +215,13 @@ def run(args: argparse.Namespace) -> None:
     """The body of generate.py; `args` are its parsed options."""
     threshold = None
     if args.conf_threshold is not None:
-        threshold = check_threshold(_threshold(args.conf_threshold))
+        try:
+            threshold = check_threshold(float(args.conf_threshold))
+        except ValueError:  # not a number, or NaN (check_threshold's PipoError is one too)
+            raise PipoError(
+                f"--conf-threshold {args.conf_threshold!r} is not a number; use e.g. 0.95 "
+                "(below 0 keeps every drafted token, 1 or more never drafts)"
+            ) from None
     check_args(args)
     prompt = read_prompt(args)
 
