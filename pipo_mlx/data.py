@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -311,13 +311,19 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, 1, epoch]).permutation(n)
 
 
+def valid_chunks(items: Sequence[Any], cfg: TrainConfig) -> Iterator[Sequence[Any]]:
+    """The validation items in file order, `batch_size` at a time, at most
+    `val_batches` chunks (-1: all)."""
+    count = math.ceil(len(items) / cfg.batch_size)
+    if cfg.val_batches != -1:
+        count = min(count, cfg.val_batches)
+    for b in range(count):
+        yield items[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+
+
 def valid_batches(
     examples: List[Example], cfg: TrainConfig, pad: int
 ) -> Iterator[Tuple[mx.array, mx.array, int]]:
     """The validation set in file order, without PAD augmentation."""
-    count = math.ceil(len(examples) / cfg.batch_size)
-    if cfg.val_batches != -1:
-        count = min(count, cfg.val_batches)
-    for b in range(count):
-        chunk = examples[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+    for chunk in valid_chunks(examples, cfg):
         yield _collate([pair_layout(e, pad) for e in chunk], pad, cfg.max_seq_length)

@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .data import batch_indices, load_data, seed_of, train_batch, valid_batches
+from .data import batch_indices, load_data, seed_of, train_batch, valid_batches, valid_chunks
 from .errors import PipoError
 from .losses import Meter, pipo_losses
 from .model import PipoModel
@@ -145,12 +145,7 @@ class DistillationStage:
         return self._rollouts([self.train_set[i] for i in picked], seed_of(cfg.seed, 2, micro_step))
 
     def valid(self) -> Iterator[OPDBatch]:
-        size = self.cfg.batch_size
-        count = -(-len(self.valid_set) // size)
-        if self.cfg.val_batches != -1:
-            count = min(count, self.cfg.val_batches)
-        for b in range(count):
-            chunk = self.valid_set[b * size : (b + 1) * size]
+        for b, chunk in enumerate(valid_chunks(self.valid_set, self.cfg)):
             yield self._rollouts(chunk, seed_of(self.cfg.seed, 3, b))
 
     def loss(self, batch: OPDBatch):
