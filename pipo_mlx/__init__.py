@@ -2,10 +2,11 @@
 
 from .chat import ChatSession
 from .conversion import convert
-from .decode import PipoResponse, generate, make_prompt_cache, stream_generate
+from .decode import PipoResponse, generate, stream_generate
 from .errors import PipoError
 from .model import PipoModel, PipoOutput
 from .model_io import load
+from .prompt_cache import PromptCacheStore, make_prompt_cache
 from .token2_head import make_token2_head
 from .train_config import TrainConfig  # the loop itself: pipo_mlx.trainer.train
 
@@ -15,6 +16,7 @@ __all__ = [
     "PipoModel",
     "PipoOutput",
     "PipoResponse",
+    "PromptCacheStore",
     "TrainConfig",
     "convert",
     "generate",

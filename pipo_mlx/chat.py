@@ -4,9 +4,10 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .decode import PipoResponse, make_prompt_cache, stream_generate
+from .decode import PipoResponse, stream_generate
 from .errors import PipoError
 from .model import PipoModel
+from .prompt_cache import make_prompt_cache
 
 
 class ChatSession:

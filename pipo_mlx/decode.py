@@ -19,7 +19,7 @@ import math
 import numbers
 import time
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generator, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
@@ -29,31 +29,12 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .errors import PipoError
 from .model import PipoModel
+from .prompt_cache import PromptCache, make_prompt_cache, pair_up, prefill
 from .token2_head import DEFAULT_TOKEN2_HEAD, Token2Head, make_token2_head
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_CONF_THRESHOLD = 0.95  # the paper's evaluation setting
 DEFAULT_PREFILL_STEP_SIZE = 2048
-
-
-@dataclass
-class PromptCache:
-    """Model caches that carry a conversation across `stream_generate` calls.
-
-    Make one with `make_prompt_cache(model)`. After a call the backbone holds
-    every token in `tokens`. The MTP entry of the last pair needs the first token
-    of the pair after it, which the next call brings, so it is left out and
-    `last_hidden` keeps the backbone state it will be computed from.
-    """
-
-    layers: List[Any]  # model.make_cache(): the backbone's caches, then the MTP's
-    tokens: List[int] = field(default_factory=list)  # ids the backbone has read, PADs included
-    last_hidden: Optional[mx.array] = None
-    uses_mtp: Optional[bool] = None  # False once filled with conf_threshold >= 1
-
-
-def make_prompt_cache(model: PipoModel) -> PromptCache:
-    return PromptCache(model.make_cache())
 
 
 @dataclass
@@ -102,38 +83,6 @@ class _Step(NamedTuple):
     logprobs: Tuple[mx.array, Optional[mx.array]]
 
 
-def _prefill(
-    model: PipoModel,
-    cache: PromptCache,
-    ids: List[int],
-    chunk: int,
-    use_mtp: bool,
-) -> None:
-    """Feed every pair of `ids` except the last, which the first decode step reads.
-
-    The MTP runs teacher-forced one position behind the backbone: position i
-    needs the first token of pair i + 1, known here for all but the last pair.
-    """
-    backbone_cache, mtp_cache = model.split_cache(cache.layers)
-    body = ids[:-2]
-    for start in range(0, len(body), chunk):
-        part = body[start : start + chunk]
-        x = mx.array(part)[None]
-        h = model.hidden(x, backbone_cache)
-        if use_mtp:
-            if cache.last_hidden is None:
-                hidden, firsts = h[:, :-1], x[:, 2::2]
-            else:
-                hidden = mx.concatenate([cache.last_hidden, h[:, :-1]], axis=1)
-                firsts = x[:, 0::2]
-            if hidden.shape[1]:
-                model.draft(firsts, hidden, mtp_cache)
-            cache.last_hidden = h[:, -1:]
-        mx.eval([c.state for c in cache.layers], cache.last_hidden)
-        cache.tokens.extend(part)
-        mx.clear_cache()
-
-
 def generate_step(
     prompt: Union[mx.array, List[int]],
     model: PipoModel,
@@ -168,8 +117,7 @@ def generate_step(
         raise TypeError("prompt_cache must come from pipo_mlx.make_prompt_cache(model)")
 
     pad = model.pad_token_id
-    if len(ids) % 2:
-        ids = ids + [pad]
+    ids = pair_up(ids, pad)
     limit = model.args.max_position_embeddings
     if len(cache.tokens) + len(ids) > limit:
         held = f" on top of the {len(cache.tokens)} already in the cache" if cache.tokens else ""
@@ -178,12 +126,6 @@ def generate_step(
             f"{limit}; shorten it{' or start a new conversation' if held else ''}"
         )
     use_mtp = threshold < 1  # threshold >= 1 never keeps token2: skip the MTP outright
-    if cache.tokens and use_mtp and not cache.uses_mtp:
-        raise PipoError(
-            "this prompt cache was filled with conf_threshold >= 1, so its MTP cache is "
-            "empty; keep that threshold or start a new cache"
-        )
-    cache.uses_mtp = use_mtp if not cache.tokens else cache.uses_mtp and use_mtp
     if isinstance(token2_head, str):
         token2_head = make_token2_head(model, token2_head)
 
@@ -242,7 +184,7 @@ def generate_step(
 
     chunk = prefill_step_size - prefill_step_size % 2
     with mx.stream(generation_stream):
-        _prefill(model, cache, ids, chunk, use_mtp)
+        prefill(model, cache, ids[:-2], chunk, use_mtp)
         pending = cache.last_hidden if use_mtp else None
         cache.last_hidden = None
         cache.tokens.extend(ids[-2:])

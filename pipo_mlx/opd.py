@@ -14,9 +14,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .decode import generate_step, make_prompt_cache
+from .decode import generate_step
 from .losses import Sums, chunked_rows, predicting_states, with_grad
 from .model import PipoModel
+from .prompt_cache import make_prompt_cache
 
 
 @dataclass

@@ -1,0 +1,131 @@
+"""Prompt caches: one conversation's model state, and a store that reuses them.
+
+A `PromptCache` holds what the backbone and the MTP head have read, in pairs.
+`prefill` feeds it more pairs. `PromptCacheStore` keeps finished caches in
+mlx-lm's `LRUPromptCache` under a byte budget and hands back a copy of the one
+with the longest usable prefix of a new prompt (docs/design.md §11).
+
+Only exact reuse is allowed: the Gated-DeltaNet state cannot be rolled back, so
+a stored cache is reused only when its pairs are a prefix of the new prompt's
+pairs, i.e. when a fresh prefill would have read exactly the same pairs. A
+reply whose drafts were dropped holds PADs the next prompt's text does not, so
+its cache matches only up to the first PAD; the snapshot taken after the
+prompt's prefill is then the longest reusable point.
+"""
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
+
+import mlx.core as mx
+from mlx_lm.models.cache import LRUPromptCache
+
+from .errors import PipoError
+from .model import PipoModel
+
+
+@dataclass
+class PromptCache:
+    """Model caches that carry a conversation across `stream_generate` calls.
+
+    Make one with `make_prompt_cache(model)`. After a call the backbone holds
+    every token in `tokens`. The MTP entry of the last pair needs the first token
+    of the pair after it, which the next call brings, so it is left out and
+    `last_hidden` keeps the backbone state it will be computed from.
+    """
+
+    layers: List[Any]  # model.make_cache(): the backbone's caches, then the MTP's
+    tokens: List[int] = field(default_factory=list)  # ids the backbone has read, PADs included
+    last_hidden: Optional[mx.array] = None
+    uses_mtp: Optional[bool] = None  # False once filled with conf_threshold >= 1
+
+    @property
+    def nbytes(self) -> int:
+        held = self.last_hidden.nbytes if self.last_hidden is not None else 0
+        return held + sum(c.nbytes for c in self.layers)
+
+    def is_trimmable(self) -> bool:
+        """Never: the recurrent layers keep no history to roll back to."""
+        return False
+
+
+def make_prompt_cache(model: PipoModel) -> PromptCache:
+    return PromptCache(model.make_cache())
+
+
+def pair_up(ids: List[int], pad: int) -> List[int]:
+    """`ids` with a PAD appended when their count is odd, as the backbone reads pairs."""
+    return ids + [pad] if len(ids) % 2 else list(ids)
+
+
+def prefill(
+    model: PipoModel, cache: PromptCache, ids: List[int], chunk: int, use_mtp: bool
+) -> None:
+    """Feed the pairs of `ids` (an even count) into the caches, `chunk` tokens at a time.
+
+    The MTP runs teacher-forced one position behind the backbone: position i
+    needs the first token of pair i + 1, known here for all but the last pair,
+    whose backbone state waits in `cache.last_hidden`.
+    """
+    if cache.tokens and use_mtp and not cache.uses_mtp:
+        raise PipoError(
+            "this prompt cache was filled with conf_threshold >= 1, so its MTP cache is "
+            "empty; keep that threshold or start a new cache"
+        )
+    cache.uses_mtp = use_mtp if not cache.tokens else cache.uses_mtp and use_mtp
+    backbone_cache, mtp_cache = model.split_cache(cache.layers)
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        x = mx.array(part)[None]
+        h = model.hidden(x, backbone_cache)
+        if use_mtp:
+            if cache.last_hidden is None:
+                hidden, firsts = h[:, :-1], x[:, 2::2]
+            else:
+                hidden = mx.concatenate([cache.last_hidden, h[:, :-1]], axis=1)
+                firsts = x[:, 0::2]
+            if hidden.shape[1]:
+                model.draft(firsts, hidden, mtp_cache)
+            cache.last_hidden = h[:, -1:]
+        mx.eval([c.state for c in cache.layers], cache.last_hidden)
+        cache.tokens.extend(part)
+        mx.clear_cache()
+
+
+class PromptCacheStore:
+    """Finished prompt caches under a byte budget, least recently used evicted first.
+
+    Caches filled with the MTP head (conf_threshold < 1) and without it are kept
+    apart: one kind cannot stand in for the other.
+    """
+
+    def __init__(self, model: PipoModel, max_bytes: int, max_entries: int = 64):
+        self.model = model
+        self._lru = LRUPromptCache(max_size=max_entries, max_bytes=max_bytes)
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    @property
+    def nbytes(self) -> int:
+        return self._lru.nbytes
+
+    def fetch(self, ids: List[int], use_mtp: bool) -> PromptCache:
+        """A fresh copy of the stored cache that reads the longest prefix of `ids`.
+
+        `ids` are paired (even). The copy never covers the last pair, which the
+        first decode step reads; with nothing usable stored, a new empty cache.
+        """
+        found, _ = self._lru.fetch_nearest_cache(use_mtp, ids[:-2])
+        return make_prompt_cache(self.model) if found is None else found[0]
+
+    def insert(self, cache: PromptCache, copy_it: bool = False) -> None:
+        """Keep `cache` under the pairs it has read; `copy_it` when the caller goes on using it."""
+        if not cache.tokens:
+            return
+        stored = copy.deepcopy(cache) if copy_it else cache
+        self._lru.insert_cache(bool(cache.uses_mtp), list(cache.tokens), [stored])
+
+    def stats(self) -> Tuple[int, int]:
+        """(entries, bytes)."""
+        return len(self._lru), self._lru.nbytes
