@@ -1,0 +1,318 @@
+"""An OpenAI-compatible HTTP server for PIPO models, with the surface of `mlx_lm.server`.
+
+    python -m pipo_mlx.server --model PATH [--host 127.0.0.1] [--port 8080]
+
+POST /v1/chat/completions and /v1/completions (streamed as server-sent events
+or not), GET /v1/models and /health. The standard library's threading HTTP
+server is enough, as for mlx-lm: one thread per connection parses and
+tokenizes, and a single engine thread runs the model (pipo_mlx.engine).
+There is no authentication: keep it on 127.0.0.1 or behind a proxy that has.
+"""
+
+import argparse
+import json
+import logging
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from queue import Empty
+from typing import Any, Dict, List, Optional
+from urllib.parse import urlparse
+
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import _parse_size
+
+from ..decode import DEFAULT_PREFILL_STEP_SIZE, check_threshold
+from ..engine import Engine, Failed, Finished, Job
+from ..errors import PipoError
+from ..token2_head import DEFAULT_TOKEN2_HEAD, make_token2_head, parse_token2_head
+from . import run_cli
+from .generate import load_model
+from .openai_api import ApiError, ApiRequest, Defaults, Reply, error_body, parse_request
+
+ROUTES = {"/v1/chat/completions": "chat", "/chat/completions": "chat", "/v1/completions": "completion"}
+KEEPALIVE_SECONDS = 2.0  # how often a waiting stream is probed for a client that left
+
+
+@dataclass
+class App:
+    """What every request handler shares."""
+
+    engine: Engine
+    tokenizer: TokenizerWrapper
+    model_id: str
+    model_names: frozenset  # names a request may give for our one model
+    context_length: int
+    defaults: Defaults
+    max_request_bytes: int
+    created: int
+    tokenizer_lock: threading.Lock
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "pipo_mlx"
+
+    @property
+    def app(self) -> App:
+        return self.server.app
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        logging.debug("%s - %s", self.address_string(), fmt % args)
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _send_json(self, status: int, body: Dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_event(self, body: Any) -> None:
+        payload = body if isinstance(body, str) else json.dumps(body)
+        self.wfile.write(f"data: {payload}\n\n".encode())
+        self.wfile.flush()
+
+    def _client_gone(self) -> bool:
+        """True once the client has closed its side (it sends nothing after its request)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _read_body(self) -> Any:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ApiError(411, "a Content-Length header is required")
+        try:
+            length = int(length)
+        except ValueError:
+            raise ApiError(400, f"invalid Content-Length {length!r}") from None
+        limit = self.app.max_request_bytes
+        if length > limit:
+            if length <= 8 * limit:  # read it, so the client sees our answer, not a reset
+                while length > 0:
+                    got = self.rfile.read(min(length, 1 << 20))
+                    if not got:
+                        break
+                    length -= len(got)
+            self.close_connection = True
+            raise ApiError(413, f"the request body is over the server's limit of {limit} bytes "
+                                "(--max-request-bytes)", code="request_too_large")
+        raw = self.rfile.read(length)
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+    # -- GET ----------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        path = urlparse(self.path).path.rstrip("/")
+        app = self.app
+        card = {"id": app.model_id, "object": "model", "created": app.created, "owned_by": "pipo_mlx"}
+        if path == "/health":
+            ok = app.engine.alive
+            self._send_json(200 if ok else 503, {"status": "ok" if ok else "unavailable", **app.engine.stats()})
+        elif path == "/v1/models":
+            self._send_json(200, {"object": "list", "data": [card]})
+        elif path.startswith("/v1/models/") and path[len("/v1/models/"):] in app.model_names:
+            self._send_json(200, card)
+        else:
+            self._send_json(404, ApiError(404, f"no such resource: GET {path}", code="not_found").body())
+
+    # -- POST ---------------------------------------------------------------------
+
+    def do_POST(self) -> None:
+        app = self.app
+        try:
+            kind = ROUTES.get(urlparse(self.path).path.rstrip("/"))
+            if kind is None:
+                raise ApiError(404, f"no such endpoint: POST {self.path}", code="not_found")
+            body = self._read_body()
+            request = parse_request(body, kind, app.defaults, app.tokenizer, app.tokenizer_lock,
+                                    app.context_length)
+            if request.model is not None and request.model not in app.model_names:
+                raise ApiError(404, f"the model {request.model!r} is not served here; this server "
+                                    f"serves {app.model_id!r} (GET /v1/models)", "model", "model_not_found")
+        except ApiError as e:
+            self._send_json(e.status, e.body())
+            return
+        job = app.engine.submit(Job(
+            prompt=request.prompt, max_tokens=request.max_tokens, sampling=request.sampling,
+            conf_threshold=request.conf_threshold, stop=request.stop, top_logprobs=request.top_logprobs,
+        ))
+        reply = Reply(request, app.tokenizer, app.model_id, int(time.time()))
+        try:
+            if request.stream:
+                self._stream(job, reply)
+            else:
+                self._complete(job, reply, request)
+        except (BrokenPipeError, ConnectionResetError):
+            job.cancel()
+
+    def _next_event(self, job: Job):
+        """The engine's next event; None if the client left meanwhile (the job is cancelled)."""
+        while True:
+            try:
+                return job.events.get(timeout=KEEPALIVE_SECONDS)
+            except Empty:
+                if self._client_gone():
+                    job.cancel()
+                    return None
+
+    def _complete(self, job: Job, reply: Reply, request: ApiRequest) -> None:
+        while True:
+            event = self._next_event(job)
+            if event is None:
+                return
+            if isinstance(event, Failed):
+                status = 400 if isinstance(event.error, PipoError) else 500
+                self._send_json(status, error_body(str(event.error), status))
+                return
+            if isinstance(event, Finished):
+                self._send_json(200, reply.body(event))
+                return
+            reply.add(event)
+            if self._client_gone():
+                job.cancel()
+                return
+
+    def _stream(self, job: Job, reply: Reply) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        self.close_connection = True
+        while True:
+            event = self._next_event(job)
+            if event is None:
+                return
+            if isinstance(event, Failed):
+                self._send_event(error_body(str(event.error)))
+                break
+            if isinstance(event, Finished):
+                for chunk in reply.final_chunks(event):
+                    self._send_event(chunk)
+                break
+            reply.add(event)
+            chunk = reply.chunk()
+            if chunk is not None:
+                self._send_event(chunk)
+        self._send_event("[DONE]")
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, app: App):
+        self.app = app
+        super().__init__(address, Handler)
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Serve a PIPO model over an OpenAI-compatible HTTP API (chat and text "
+        "completions, streaming or not), with prompt caching across requests. The server "
+        "has NO authentication: it binds to 127.0.0.1 unless told otherwise.",
+    )
+    p.add_argument("--model", help="folder written by convert.py or train_heads.py --fuse, or a hub "
+                   "repo id of a merged PIPO checkpoint (default: the shipped demo model)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; anything else exposes an unauthenticated server)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    g = p.add_argument_group("defaults for requests that leave a field out")
+    g.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply (default 512)")
+    g.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    g.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0: off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (default 0: off)")
+    g.add_argument("--conf-threshold", type=float,
+                   help="keep a drafted token2 when the confidence reaches this (default: the "
+                   "model's recommended threshold, else 0.95); requests override it with conf_threshold")
+    g = p.add_argument_group("capacity")
+    g.add_argument("--prompt-cache-bytes", default="1GB",
+                   help="memory for cached conversations, e.g. 512MB or 4GB (default 1GB); 0 turns caching off")
+    g.add_argument("--max-concurrent", type=int, default=8,
+                   help="requests decoding at once, one step each in turn; later ones queue (default 8)")
+    g.add_argument("--max-request-bytes", type=int, default=16 * 2**20,
+                   help="largest request body accepted (default 16 MiB)")
+    g.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE,
+                   help=f"prompt tokens per prefill chunk (default {DEFAULT_PREFILL_STEP_SIZE})")
+    g.add_argument("--token2-head", default=DEFAULT_TOKEN2_HEAD,
+                   help="how token2's logits are computed, as in generate.py (default full)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def check_args(args: argparse.Namespace) -> int:
+    """Refuse bad settings before loading anything; the prompt cache budget in bytes."""
+    if args.max_tokens < 1:
+        raise PipoError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.max_concurrent < 1:
+        raise PipoError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
+    if not 0 <= args.port < 65536:
+        raise PipoError(f"--port must lie in [0, 65535], got {args.port}")
+    if args.conf_threshold is not None:
+        check_threshold(args.conf_threshold)
+    parse_token2_head(args.token2_head)
+    try:
+        budget = int(_parse_size(args.prompt_cache_bytes))
+    except (ValueError, ArithmeticError, KeyError, TypeError):
+        raise PipoError(f"--prompt-cache-bytes {args.prompt_cache_bytes!r} is not a size; use e.g. 512MB or 4GB") from None
+    if budget < 0:
+        raise PipoError("--prompt-cache-bytes must not be negative")
+    return budget
+
+
+def make_server(args: argparse.Namespace) -> Server:
+    """Load the model, start the engine and bind the socket (serving starts with serve_forever)."""
+    budget = check_args(args)
+    model, tokenizer = load_model(args.model)
+    tokenizer.model_max_length = 1 << 62  # our own context check speaks instead of its warning
+    engine = Engine(model, tokenizer, budget, args.max_concurrent, args.prefill_step_size,
+                    make_token2_head(model, args.token2_head)).start()
+    model_id = args.model or "pipo-stdlib"
+    names = {model_id, "default_model"}
+    if Path(model_id).expanduser().exists():
+        path = Path(model_id).expanduser().resolve()
+        names |= {str(path), path.name}
+    app = App(
+        engine=engine, tokenizer=tokenizer, model_id=model_id, model_names=frozenset(names),
+        context_length=model.args.max_position_embeddings,
+        defaults=Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p, args.conf_threshold),
+        max_request_bytes=args.max_request_bytes, created=int(time.time()), tokenizer_lock=threading.Lock(),
+    )
+    try:
+        return Server((args.host, args.port), app)
+    except OSError as e:
+        engine.stop()
+        raise PipoError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+
+
+def run(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    server = make_server(args)
+    host, port = server.server_address[:2]
+    logging.info("serving %s on http://%s:%d (no authentication; Ctrl-C stops)", server.app.model_id, host, port)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.warning("bound to %s: anyone who can reach it can use the model", args.host)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        server.app.engine.stop()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    run_cli(lambda: run(setup_arg_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""The request loop behind the server: many requests, one model, one thread on MLX.
+
+Requests wait in a first-come, first-served queue. Up to `max_active` decode
+at once, each advanced by one PIPO step per round in turn, so a long reply
+does not hold back a short one; `_round` is the place where batched decoding
+(one graph for every running request) plugs in. A request with a seed runs
+alone, because the samplers draw from MLX's global random state.
+
+Each request starts from the longest reusable prompt cache (docs/design.md
+§11), prefills the rest, and its caches go back to the store twice: after
+the prompt, and after the reply.
+"""
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Deque, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+from mlx_lm.generate import generation_stream
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .decode import DEFAULT_PREFILL_STEP_SIZE, check_threshold, generate_step, recommended_threshold
+from .model import PipoModel
+from .prompt_cache import PromptCacheStore, pair_up, prefill
+from .token2_head import Token2Head
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+
+
+@dataclass
+class Job:
+    """One request. The engine answers on `events`: `TokenEvent`s, then `Finished` or `Failed`."""
+
+    prompt: List[int]
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    conf_threshold: Optional[float] = None
+    stop: Sequence[str] = ()
+    top_logprobs: int = 0  # > 0: the top-n alternatives of every token too
+    events: "queue.Queue[Union[TokenEvent, Finished, Failed]]" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stop this request at the next step (a client that went away)."""
+        self.cancelled.set()
+
+
+@dataclass
+class TokenEvent:
+    text: str  # the text this token releases, stop strings held back and cut
+    token: int
+    from_draft: bool  # a token2, drafted by the MTP head and kept
+    logprob: float
+    top_logprobs: List[Tuple[int, float]]
+
+
+@dataclass
+class Finished:
+    finish_reason: str  # "stop", "length" or "cancelled"
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens taken from the prompt cache, not prefilled
+    completion_tokens: int
+    steps: int  # decode steps: one backbone position each
+    token2_kept: int
+    time_to_first_token: float  # from the start of the request's prefill
+
+
+@dataclass
+class Failed:
+    error: BaseException
+
+
+class StopStrings:
+    """Cuts generated text at the first stop string, however the tokens split it.
+
+    Text that could still begin a stop string is held back until the next
+    piece shows whether it does.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, piece: str) -> Tuple[str, bool]:
+        """(text safe to release, whether a stop string was reached)."""
+        text = self.pending + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return text[: min(hits)], True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:n]):
+                    hold = n
+                    break
+        self.pending = text[len(text) - hold :]
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+class _Running:
+    """A started job: its decode generator and what has come out of it."""
+
+    def __init__(self, job: Job, tokens, cache, detokenizer, cached: int, started: float):
+        self.job, self.tokens, self.cache, self.detokenizer = job, tokens, cache, detokenizer
+        self.cached, self.started = cached, started
+        self.stops = StopStrings(job.stop)
+        self.n = self.steps = self.kept = 0
+        self.ttft = 0.0
+
+
+class Engine:
+    """Runs `Job`s on one model in a background thread; `submit` and read `job.events`."""
+
+    def __init__(
+        self,
+        model: PipoModel,
+        tokenizer: TokenizerWrapper,
+        prompt_cache_bytes: int,
+        max_active: int = 8,
+        prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+        token2_head: Union[str, Token2Head] = "full",
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.store = PromptCacheStore(model, prompt_cache_bytes)
+        self.max_active = max_active
+        self.chunk = max(2, prefill_step_size - prefill_step_size % 2)
+        self.token2_head = token2_head
+        self._queue: Deque[Job] = deque()
+        self._running: List[_Running] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="pipo-engine", daemon=True)
+        self.error: Optional[BaseException] = None
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def stats(self) -> dict:
+        """Requests decoding and waiting, and what the prompt cache holds (read from any thread)."""
+        entries, nbytes = self.store.stats()
+        return {"running": len(self._running), "queued": len(self._queue),
+                "prompt_cache": {"entries": entries, "bytes": nbytes}}
+
+    def submit(self, job: Job) -> Job:
+        with self._wake:
+            self._queue.append(job)
+            self._wake.notify()
+        return job
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not (self._stopping or self._queue or self._running):
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    admitted = self._admit()
+                for job in admitted:
+                    self._start(job)
+                self._round()
+        except BaseException as e:  # a bug, not a request's fault: say so on /health
+            self.error = e
+            raise
+        finally:
+            for r in self._running:
+                r.job.events.put(Failed(RuntimeError("the server is shutting down")))
+
+    def _admit(self) -> List[Job]:
+        """Jobs to start now, in arrival order; a seeded job waits to run alone."""
+        admitted: List[Job] = []
+        running = [r.job for r in self._running]
+        while self._queue and len(running) + len(admitted) < self.max_active:
+            job = self._queue[0]
+            if job.cancelled.is_set():
+                self._queue.popleft()
+                continue
+            ahead = running + admitted
+            if ahead and (job.sampling.seed is not None or any(j.sampling.seed is not None for j in ahead)):
+                break
+            admitted.append(self._queue.popleft())
+        return admitted
+
+    def _start(self, job: Job) -> None:
+        started = time.perf_counter()
+        try:
+            threshold = check_threshold(recommended_threshold(self.model, job.conf_threshold))
+            use_mtp = threshold < 1
+            ids = pair_up(job.prompt, self.model.pad_token_id)
+            cache = self.store.fetch(ids, use_mtp)
+            cached = len(cache.tokens)
+            with mx.stream(generation_stream):
+                if len(ids) - 2 > cached:
+                    prefill(self.model, cache, ids[cached:-2], self.chunk, use_mtp)
+                    self.store.insert(cache, copy_it=True)
+            s = job.sampling
+            if s.seed is not None:
+                mx.random.seed(s.seed)
+            tokens = generate_step(
+                ids[-2:],
+                self.model,
+                eos_token_ids=self.tokenizer.eos_token_ids,
+                max_tokens=job.max_tokens,
+                sampler=make_sampler(s.temperature, s.top_p, s.min_p, top_k=s.top_k),
+                logits_processors=make_logits_processors(
+                    repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty
+                ),
+                conf_threshold=threshold,
+                prompt_cache=cache,
+                prefill_step_size=self.chunk,
+                token2_head=self.token2_head,
+            )
+        except Exception as e:
+            job.events.put(Failed(e))
+            return
+        self._running.append(
+            _Running(job, tokens, cache, self.tokenizer.detokenizer, min(cached, len(job.prompt)), started)
+        )
+
+    def _round(self) -> None:
+        """One step of every running job, in turn."""
+        for r in list(self._running):
+            try:
+                if r.job.cancelled.is_set():
+                    self._finish(r, "cancelled")
+                else:
+                    self._advance(r)
+            except Exception as e:
+                self._running.remove(r)
+                r.tokens.close()
+                r.job.events.put(Failed(e))
+
+    def _advance(self, r: _Running) -> None:
+        token, logprobs, from_draft = next(r.tokens)
+        if r.n == 0:
+            r.ttft = time.perf_counter() - r.started
+        r.n += 1
+        r.kept += from_draft
+        r.steps += not from_draft
+        eos = token in self.tokenizer.eos_token_ids
+        finish = "stop" if eos else "length" if r.n == r.job.max_tokens else None
+        if not eos:
+            r.detokenizer.add_token(token)
+        if finish:
+            r.detokenizer.finalize()
+        text, stopped = r.stops.feed(r.detokenizer.last_segment)
+        if stopped:
+            finish = "stop"
+        elif finish:
+            text += r.stops.flush()
+        top: List[Tuple[int, float]] = []
+        if r.job.top_logprobs > 0:
+            k = min(r.job.top_logprobs, logprobs.size)
+            ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
+            top = sorted(zip(ids.tolist(), logprobs[ids].tolist()), key=lambda p: -p[1])
+        r.job.events.put(TokenEvent(text, token, from_draft, logprobs[token].item(), top))
+        if finish:
+            self._finish(r, finish)
+
+    def _finish(self, r: _Running, reason: str) -> None:
+        self._running.remove(r)
+        r.tokens.close()  # settles the caches: the last pair's MTP entry is owed
+        self.store.insert(r.cache)
+        r.job.events.put(
+            Finished(reason, len(r.job.prompt), r.cached, r.n, r.steps, r.kept, r.ttft)
+        )

@@ -1,0 +1,340 @@
+"""The OpenAI-compatible server, over real HTTP on 127.0.0.1, against the library's decoder.
+
+One server process serves the whole module (the tiny random checkpoint of
+conftest.py); every expected output comes from `pipo_mlx.stream_generate`
+run here, on a fresh cache, over the same tokens.
+"""
+
+import http.client
+import json
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from hf_reference import random_ids
+from openai import OpenAI
+
+from pipo_mlx import load, stream_generate
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE_BYTES = 2 * 2**20  # small, so the load test goes through evictions
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def server(mlx_pipo, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipo_mlx.server", "--model", str(mlx_pipo), "--port", "0",
+             "--prompt-cache-bytes", str(CACHE_BYTES), "--max-concurrent", "8",
+             "--max-request-bytes", str(MAX_BODY), "--max-tokens", "16"],
+            stderr=err, stdout=subprocess.DEVNULL, cwd=ROOT,
+        )
+    deadline = time.time() + 60
+    while not (m := re.search(r"http://127\.0\.0\.1:(\d+)", log.read_text())):
+        assert proc.poll() is None and time.time() < deadline, log.read_text()
+        time.sleep(0.1)
+    yield {"url": f"http://127.0.0.1:{m.group(1)}", "port": int(m.group(1)), "proc": proc, "log": log}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def lib(mlx_pipo):
+    return load(str(mlx_pipo))
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def reference(lib, ids, threshold, max_tokens=16):
+    """(text, tokens, last response) of the library's greedy decoder on a fresh cache."""
+    model, tokenizer = lib
+    out = list(stream_generate(model, tokenizer, list(ids), max_tokens=max_tokens, conf_threshold=threshold))
+    return "".join(r.text for r in out), [r.token for r in out], out[-1]
+
+
+def chat_ids(lib, messages):
+    tokenizer = lib[1]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def post(server, path, body, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=120)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    status, raw = resp.status, resp.read()
+    conn.close()
+    return status, raw
+
+
+def health(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
+    conn.request("GET", "/health")
+    body = json.loads(conn.getresponse().read())
+    conn.close()
+    return body
+
+
+def assert_usage(usage, prompt_ids, last):
+    assert usage.prompt_tokens == len(prompt_ids)
+    assert usage.completion_tokens == last.generation_tokens
+    assert usage.total_tokens == len(prompt_ids) + last.generation_tokens
+    pipo = usage.pipo
+    assert (pipo["steps"], pipo["token2_kept"]) == (last.steps, last.token2_kept)
+    assert pipo["prefilled_tokens"] + usage.prompt_tokens_details.cached_tokens == len(prompt_ids)
+
+
+# -- the API, against the library -------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.5, 1.0])
+def test_chat_equals_the_library_token_for_token(server, client, lib, threshold):
+    messages = [{"role": "user", "content": f"def add(a, b): {threshold}"}]
+    ids = chat_ids(lib, messages)
+    text, _, last = reference(lib, ids, threshold)
+    for _ in range(2):  # the second time from the prompt cache
+        r = client.chat.completions.create(model="default_model", messages=messages, max_tokens=16,
+                                           extra_body={"conf_threshold": threshold})
+        assert r.choices[0].message.content == text
+        assert r.choices[0].finish_reason == last.finish_reason
+        assert_usage(r.usage, ids, last)
+    assert r.usage.prompt_tokens_details.cached_tokens == len(ids) + len(ids) % 2 - 2
+
+
+def test_streams_equal_the_library_and_end_with_usage(server, client, lib):
+    messages = [{"role": "user", "content": "print(i * i)"}]
+    ids = chat_ids(lib, messages)
+    text, _, last = reference(lib, ids, -1.0, max_tokens=15)
+    chunks = list(client.chat.completions.create(
+        model="default_model", messages=messages, max_tokens=15, stream=True,
+        stream_options={"include_usage": True}, extra_body={"conf_threshold": -1.0}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-2].choices[0].finish_reason == "length" and not chunks[-1].choices
+    assert_usage(chunks[-1].usage, ids, last)
+
+    prompt = "class Point:\n    def"
+    text, tokens, last = reference(lib, lib[1].encode(prompt), 0.5)
+    pieces = list(client.completions.create(model="default_model", prompt=prompt, max_tokens=16, stream=True,
+                                            extra_body={"conf_threshold": 0.5}))
+    assert "".join(p.choices[0].text for p in pieces) == text
+    whole = client.completions.create(model="default_model", prompt=prompt, max_tokens=16,
+                                      extra_body={"conf_threshold": 0.5})
+    assert whole.choices[0].text == text
+    assert_usage(whole.usage, lib[1].encode(prompt), last)
+
+
+def test_stop_strings_cut_the_text_wherever_the_tokens_split_it(server, client, lib):
+    prompt = "for i in range(10):"
+    text, _, _ = reference(lib, lib[1].encode(prompt), -1.0, max_tokens=16)
+    stop = text[3:6]
+    assert len(stop) == 3 and stop.strip(), text
+    r = client.completions.create(model="default_model", prompt=prompt, max_tokens=16, stop=[stop, "never seen"],
+                                  extra_body={"conf_threshold": -1.0})
+    assert r.choices[0].text == text[: text.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="default_model", prompt=prompt, max_tokens=16, stop=stop,
+                                         stream=True, extra_body={"conf_threshold": -1.0})
+    assert "".join(p.choices[0].text for p in streamed) == text[: text.index(stop)]
+
+
+def test_logprobs_are_the_decoders(server, client, lib):
+    messages = [{"role": "user", "content": "import os"}]
+    ids = chat_ids(lib, messages)
+    model, tokenizer = lib
+    out = list(stream_generate(model, tokenizer, ids, max_tokens=6, conf_threshold=-1.0))
+    r = client.chat.completions.create(model="default_model", messages=messages, max_tokens=6, logprobs=True,
+                                       top_logprobs=3, extra_body={"conf_threshold": -1.0})
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(out)
+    for got, want in zip(content, out):
+        assert got.logprob == pytest.approx(want.logprobs[want.token].item(), abs=1e-4)
+        assert len(got.top_logprobs) == 3
+        values = [t.logprob for t in got.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert values[0] == pytest.approx(got.logprob, abs=1e-4)  # greedy takes the top token
+
+
+# -- the prompt cache ---------------------------------------------------------------
+
+
+def completion(server, ids, threshold, max_tokens=8):
+    status, raw = post(server, "/v1/completions",
+                       {"prompt": list(ids), "max_tokens": max_tokens, "conf_threshold": threshold})
+    assert status == 200, raw
+    return json.loads(raw)
+
+
+def test_an_extended_prompt_prefills_only_its_new_tokens(server, lib):
+    p1 = random_ids(1, 20, seed=12)[0].tolist()  # a seed whose reply has no EOS
+    text, reply, last = reference(lib, p1, -1.0, max_tokens=8)
+    assert len(reply) == 8 and last.token2_kept == 4  # keep-all: no PAD in the cached pairs
+    assert completion(server, p1, -1.0)["choices"][0]["text"] == text
+    p2 = p1 + reply + random_ids(1, 6, seed=13)[0].tolist()  # e.g. an agent appending a tool result
+    text2, _, _ = reference(lib, p2, -1.0, max_tokens=8)
+    body = completion(server, p2, -1.0)
+    assert body["choices"][0]["text"] == text2
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == len(p1) + 8
+    assert body["usage"]["pipo"]["prefilled_tokens"] == 6
+
+
+def test_a_second_chat_turn_reuses_the_first_and_answers_as_a_fresh_run(server, client, lib):
+    first = [{"role": "user", "content": "def add(a, b):"}]
+    r1 = client.chat.completions.create(model="default_model", messages=first, max_tokens=12,
+                                        extra_body={"conf_threshold": 0.5})
+    second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                      {"role": "user", "content": "class Point:"}]
+    ids1, ids2 = chat_ids(lib, first), chat_ids(lib, second)
+    assert ids2[: len(ids1)] == ids1
+    text, _, last = reference(lib, ids2, 0.5, max_tokens=12)
+    r2 = client.chat.completions.create(model="default_model", messages=second, max_tokens=12,
+                                        extra_body={"conf_threshold": 0.5})
+    assert r2.choices[0].message.content == text
+    assert r2.usage.prompt_tokens_details.cached_tokens >= len(ids1) - 2
+    assert_usage(r2.usage, ids2, last)
+
+
+def test_a_diverging_prompt_never_reuses_a_wrong_state(server, lib):
+    p = random_ids(1, 21, seed=21)[0].tolist()  # odd: the server pairs it with a PAD
+    completion(server, p, 0.5)
+    other = random_ids(1, 7, seed=22)[0].tolist()
+    cases = {
+        "diverges after 10 tokens": (p[:10] + other, 0),
+        "diverges in the last pair": (p[:20] + other[:3], 20),
+        "a real token where the cache holds PAD": (p + other[:1], 20),
+        "the reply's text without its PADs": (p + reference(lib, p, 0.5, 8)[1], 20),
+    }
+    for name, (ids, cached) in cases.items():
+        text, _, _ = reference(lib, ids, 0.5)
+        body = completion(server, ids, 0.5, max_tokens=16)
+        assert body["choices"][0]["text"] == text, name
+        assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == cached, name
+
+
+# -- load -----------------------------------------------------------------------------
+
+KILLED_CLIENT = textwrap.dedent("""
+    import http.client, json, sys
+    conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "def", "max_tokens": 4000,
+                 "stream": True, "conf_threshold": 1.0}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    while True:
+        line = resp.readline()
+        print(line.decode().strip(), flush=True)
+""")
+
+
+def rss_mb(pid: int) -> float:
+    return int(subprocess.check_output(["ps", "-o", "rss=", "-p", str(pid)]).decode()) / 1024
+
+
+def test_sixteen_streaming_clients_and_a_killed_one(server, lib):
+    prompts = [(f"x = {i} * {i}\nprint(x)", (-1.0, 0.5, 1.0)[i % 3]) for i in range(16)]
+    expected = {p: reference(lib, lib[1].encode(p), t, max_tokens=12)[0] for p, t in prompts}
+
+    def one_client(prompt_threshold):
+        prompt, threshold = prompt_threshold
+        client = OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0, timeout=300)
+        texts = []
+        for _ in range(2):
+            stream = client.completions.create(model="default_model", prompt=prompt, max_tokens=12, stream=True,
+                                               extra_body={"conf_threshold": threshold})
+            texts.append("".join(c.choices[0].text for c in stream))
+        return prompt, texts
+
+    rss = []
+    for round_ in range(3):
+        killed = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, str(server["port"])],
+                                  stdout=subprocess.PIPE, text=True)
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(one_client, p) for p in prompts]
+            assert killed.stdout.readline().startswith("data:")  # streaming, then killed
+            killed.kill()
+            killed.wait()
+            for f in futures:
+                prompt, texts = f.result()
+                assert texts == [expected[prompt]] * 2, prompt
+        # The killed request had 4000 tokens to go; it must be gone, not finishing.
+        deadline = time.time() + 10
+        while (h := health(server))["running"] or h["queued"]:
+            assert time.time() < deadline, h
+            time.sleep(0.05)
+        assert h["prompt_cache"]["bytes"] <= CACHE_BYTES
+        rss.append(rss_mb(server["proc"].pid))
+    print(f"server resident memory after each round: {', '.join(f'{m:.1f}' for m in rss)} MB")
+    assert rss[2] - rss[1] < 0.05 * rss[1], rss
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+GOOD = {"prompt": "def", "max_tokens": 2}
+BAD = [
+    ("malformed JSON", "/v1/completions", b"{'prompt': ", 400, "invalid_json"),
+    ("a list for a body", "/v1/completions", [1, 2], 400, None),
+    ("no messages", "/v1/chat/completions", {"max_tokens": 3}, 400, "invalid_type"),
+    ("a message without a role", "/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, None),
+    ("max_tokens as a string", "/v1/completions", {**GOOD, "max_tokens": "10"}, 400, "invalid_type"),
+    ("max_tokens 0", "/v1/completions", {**GOOD, "max_tokens": 0}, 400, "invalid_value"),
+    ("max_tokens -1", "/v1/completions", {**GOOD, "max_tokens": -1}, 400, "invalid_value"),
+    ("temperature as a string", "/v1/completions", {**GOOD, "temperature": "hot"}, 400, "invalid_type"),
+    ("stream as a string", "/v1/completions", {**GOOD, "stream": "yes"}, 400, "invalid_type"),
+    ("top_p 0", "/v1/completions", {**GOOD, "top_p": 0}, 400, "invalid_value"),
+    ("a threshold that is a word", "/v1/completions", {**GOOD, "conf_threshold": "high"}, 400, "invalid_type"),
+    ("a threshold that is NaN", "/v1/completions", b'{"prompt": "def", "conf_threshold": NaN}', 400,
+     "invalid_value"),
+    ("an unknown model", "/v1/completions", {**GOOD, "model": "gpt-17"}, 404, "model_not_found"),
+    ("a prompt over the context", "/v1/completions", {"prompt": "a " * 5000}, 400, "context_length_exceeded"),
+    ("token ids out of the vocabulary", "/v1/completions", {"prompt": [1, 2, 10**6]}, 400, "invalid_type"),
+    ("n = 2", "/v1/completions", {**GOOD, "n": 2}, 400, "invalid_value"),
+    ("an oversized body", "/v1/completions", {"prompt": "x" * (2 * MAX_BODY)}, 413, "request_too_large"),
+    ("an unknown endpoint", "/v1/embeddings", GOOD, 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,code", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_an_openai_error_and_the_server_goes_on(server, name, path, body, status, code):
+    got, raw = post(server, path, body)
+    assert got == status, raw
+    error = json.loads(raw)["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+    if code:
+        assert error["code"] == code
+    ok, raw = post(server, "/v1/completions", GOOD)
+    assert ok == 200 and json.loads(raw)["choices"][0]["text"] is not None
+
+
+def test_a_request_without_content_length_gets_411(server):
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n\r\n")
+        assert s.recv(4096).split(b"\r\n")[0].endswith(b"411 Length Required")
+    assert post(server, "/v1/completions", GOOD)[0] == 200
+
+
+def test_models_and_health(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
+    conn.request("GET", "/v1/models")
+    models = json.loads(conn.getresponse().read())
+    assert models["object"] == "list" and len(models["data"]) == 1
+    assert health(server)["status"] == "ok"
+
+
+def test_help_says_there_is_no_authentication_and_bad_flags_exit_2():
+    out = subprocess.run([sys.executable, "-m", "pipo_mlx.server", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "NO authentication" in out.stdout and "127.0.0.1" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "pipo_mlx.server", "--prompt-cache-bytes", "lots"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --prompt-cache-bytes")
+    assert "Traceback" not in bad.stderr
