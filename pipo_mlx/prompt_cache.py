@@ -100,7 +100,7 @@ class PromptCacheStore:
     """
 
     def __init__(self, model: PipoModel, max_bytes: int, max_entries: int = 64):
-        self.model = model
+        self.model, self.max_bytes = model, max_bytes
         self._lru = LRUPromptCache(max_size=max_entries, max_bytes=max_bytes)
 
     def __len__(self) -> int:
@@ -121,7 +121,7 @@ class PromptCacheStore:
 
     def insert(self, cache: PromptCache, copy_it: bool = False) -> None:
         """Keep `cache` under the pairs it has read; `copy_it` when the caller goes on using it."""
-        if not cache.tokens:
+        if not cache.tokens or self.max_bytes <= 0:
             return
         stored = copy.deepcopy(cache) if copy_it else cache
         self._lru.insert_cache(bool(cache.uses_mtp), list(cache.tokens), [stored])
