@@ -141,3 +141,22 @@ def test_output_folder_follows_the_kind_of_run(tmp_path):
         assert out(*reduced) == SCRATCH, reduced
     assert out("--quick", "--out", str(tmp_path)) == tmp_path
     assert out("--out", str(tmp_path)) == tmp_path
+
+
+def test_server_bench_quick_run_measures_both_sides(mlx_pipo, committed):
+    """benchmarks/bench_server.py --quick: both servers, every turn, the overhead; never the committed file."""
+    (SCRATCH / "server.json").unlink(missing_ok=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_server.py"), "--quick", "--model", str(mlx_pipo)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert committed.changed() == [], "a --quick run rewrote the committed results"
+    r = json.loads((SCRATCH / "server.json").read_text())
+    assert set(r["ttft_by_turn"]) == {"2", "4", "8"}
+    for row in r["ttft_by_turn"].values():
+        assert row["ttft_cached_s"] > 0 and row["ttft_uncached_s"] > 0
+        assert row["prefilled_with_cache"] < row["prompt_tokens"]  # the earlier turns came from the cache
+    assert r["overhead"]["server_tok_s"] > 0 and r["overhead"]["library_tok_s"] > 0
+    bench = load_script("bench_server")
+    assert bench.parse_args([]).out == RESULTS and bench.parse_args(["--repeats", "1"]).out == SCRATCH

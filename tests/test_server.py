@@ -338,3 +338,53 @@ def test_help_says_there_is_no_authentication_and_bad_flags_exit_2():
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --prompt-cache-bytes")
     assert "Traceback" not in bad.stderr
+
+
+# -- tools, in process: the template sees them, the reply parses the calls ------------------
+
+TOOL_TEMPLATE = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for tool_call in m.tool_calls or [] %}<tool_call>{{ tool_call.name }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tools_reach_the_template_and_tool_calls_come_back_parsed(mlx_pipo, tmp_path):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from transformers import AutoTokenizer
+
+    from pipo_mlx.cli.openai_api import Defaults, Reply, parse_request
+    from pipo_mlx.engine import Finished, TokenEvent
+
+    hf = AutoTokenizer.from_pretrained(mlx_pipo)
+    hf.chat_template = TOOL_TEMPLATE
+    hf.save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.has_tool_calling  # mlx-lm reads the Qwen-style JSON tool calls off the template
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    body = {"messages": [{"role": "user", "content": "time?"}], "tools": tools}
+    defaults = Defaults(16, 0.0, 1.0, 0, 0.0, None)
+    for stream in (False, True):
+        request = parse_request({**body, "stream": stream}, "chat", defaults, tokenizer, threading.Lock(), 4096)
+        assert "<tools>get_time;</tools>" in tokenizer.decode(request.prompt)
+        reply = Reply(request, tokenizer, "m", 0)
+        pieces = ["Sure.", "<tool", '_call>\n{"name": "get_time", ', '"arguments": {"tz": "UTC"}}\n</tool_', "call>"]
+        chunks = []
+        for piece in pieces:
+            reply.add(TokenEvent(piece, 5, False, -0.1, []))
+            chunks.append(reply.chunk()) if stream else None
+        done = Finished("stop", len(request.prompt), 0, len(pieces), len(pieces), 0, 0.01)
+        if stream:
+            chunks += reply.final_chunks(done)
+            messages = [c["choices"][0]["delta"] for c in chunks if c]
+            assert "".join(m.get("content", "") for m in messages) == "Sure."
+            calls = [tc for m in messages for tc in m.get("tool_calls", [])]
+            finish = chunks[-1]["choices"][0]["finish_reason"]
+        else:
+            out = reply.body(done)["choices"][0]
+            assert out["message"]["content"] == "Sure."
+            calls, finish = out["message"]["tool_calls"], out["finish_reason"]
+        assert finish == "tool_calls" and len(calls) == 1
+        assert calls[0]["function"]["name"] == "get_time"
+        assert json.loads(calls[0]["function"]["arguments"]) == {"tz": "UTC"}

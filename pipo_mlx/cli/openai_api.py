@@ -230,6 +230,7 @@ class Reply:
         self.tool_calls: List[str] = []
         self.logprobs: List[Dict[str, Any]] = []
         self.sent_role = False
+        self.called = False  # a tool call was made (a stream sends it before the end)
 
     # -- events in ------------------------------------------------------------
 
@@ -250,9 +251,12 @@ class Reply:
                 self.tool_text += text
             else:
                 if self.tool_text:  # a call just closed
-                    self.tool_calls.append(self.tool_text)
-                    self.tool_text = ""
+                    self._call()
                 self.text += text or ""
+
+    def _call(self) -> None:
+        self.tool_calls.append(self.tool_text)
+        self.tool_text, self.called = "", True
 
     def _logprob(self, event: TokenEvent) -> Dict[str, Any]:
         token = self.tokenizer.decode([event.token])
@@ -270,10 +274,9 @@ class Reply:
             self.state, flushed, current = TextStateMachine.flush(self.state)
             self._collect([(current, flushed)])
             if self.tool_text:
-                self.tool_calls.append(self.tool_text)
-                self.tool_text = ""
+                self._call()
         reason = "stop" if finished.finish_reason == "cancelled" else finished.finish_reason
-        return "tool_calls" if reason == "stop" and self.tool_calls else reason
+        return "tool_calls" if reason == "stop" and self.called else reason
 
     def _choice(self, finish_reason: Optional[str]) -> Dict[str, Any]:
         choice: Dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
