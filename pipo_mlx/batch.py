@@ -1,0 +1,284 @@
+"""Batched PIPO decoding: many sequences per step, rows joining and leaving between steps.
+
+Speculative decoding cannot batch because every row accepts a different number
+of drafts. PIPO can: every row reads one pair and writes one pair per step,
+whatever its gate decides, so the batch never goes ragged (docs/design.md §12).
+
+Each prompt is prefilled alone, exactly as the single-sequence decoder does,
+and its caches are then merged into the batch (mlx-lm's `BatchKVCache` pads
+the attention caches on the left; the Gated-DeltaNet states stack as they
+are). A step is one lazy graph for the whole batch, with per-row samplers,
+logits processors, thresholds, budgets and end-of-sequence, queued with
+`mx.async_eval` before the host reads the step before it.
+"""
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import mlx.core as mx
+from mlx_lm.generate import generation_stream
+from mlx_lm.sample_utils import LogitsProcessor, Sampler, greedy_sampler
+
+from .decode import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE, check_threshold, recommended_threshold
+from .errors import PipoError
+from .model import PipoModel
+from .prompt_cache import PromptCache, make_prompt_cache, pair_up, prefill
+from .token2_head import DEFAULT_TOKEN2_HEAD, Token2Head, make_token2_head
+
+
+@dataclass
+class BatchResponse:
+    uid: int
+    token: int
+    logprobs: mx.array  # [V], after the row's logits processors
+    from_draft: bool  # a token2, drafted by the MTP head and kept
+    finish_reason: Optional[str]  # "stop" (end of sequence), "length", or None
+
+
+@dataclass
+class _Row:
+    uid: int
+    max_tokens: int  # -1: no limit
+    threshold: float
+    sampler: Sampler
+    processors: List[LogitsProcessor]
+    history: Optional[mx.array]  # what the processors see: every token read, PADs included
+    produced: int = 0
+    done: bool = False
+    started: bool = False  # the first step reads the prompt's last pair, already in `history`
+
+
+@dataclass
+class _Step:
+    uids: List[int]  # the rows this step computed, in batch order
+    out: mx.array  # [B, 3]: token1, token2, keep
+    pairs: mx.array  # [B, 2]: what each row reads next, token2 gated into PAD
+    remaining: mx.array  # [B]: token budget left after this step
+    logprobs: List[mx.array] = field(default_factory=list)  # [B, V] for token1, then token2
+
+
+class BatchGenerator:
+    """Decode many prompts at once; `insert` rows at any time, call `next` for each step."""
+
+    def __init__(
+        self,
+        model: PipoModel,
+        eos_token_ids: Iterable[int] = (),
+        prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+        token2_head: Union[str, Token2Head] = DEFAULT_TOKEN2_HEAD,
+    ):
+        self.model = model
+        self.pad = model.pad_token_id
+        self.eos = sorted(set(eos_token_ids))
+        self.eos_ids = mx.array(self.eos) if self.eos else None
+        self.chunk = max(2, prefill_step_size - prefill_step_size % 2)
+        self.token2_head = make_token2_head(model, token2_head) if isinstance(token2_head, str) else token2_head
+        self.rows: Dict[int, _Row] = {}
+        self.caches: Optional[List[Any]] = None  # the batch's caches, rows in `self.order`
+        self.order: List[int] = []
+        self.joining: List[tuple] = []  # (uid, settled PromptCache, last pair)
+        self.in_flight: Optional[_Step] = None
+        self._uids = itertools.count()
+
+    def __len__(self) -> int:
+        return sum(not r.done for r in self.rows.values())
+
+    def insert(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        sampler: Optional[Sampler] = None,
+        logits_processors: Optional[List[LogitsProcessor]] = None,
+        conf_threshold: Optional[float] = None,
+        prompt_cache: Optional[PromptCache] = None,
+    ) -> int:
+        """Prefill a prompt (alone) and queue its row for the next step; returns its uid.
+
+        `prompt_cache`, when given, already holds a prefix of the prompt's pairs
+        (from `pipo_mlx.PromptCacheStore`); it becomes this row's and is not reusable.
+        """
+        ids = pair_up([int(t) for t in prompt], self.pad)
+        if not ids:
+            raise PipoError("the prompt is empty; give at least one token of text")
+        if max_tokens == 0 or max_tokens < -1:
+            raise PipoError(f"max_tokens must be positive (or -1 for no limit), got {max_tokens}")
+        limit = self.model.args.max_position_embeddings
+        if len(ids) > limit:
+            raise PipoError(f"the prompt has {len(ids)} tokens, more than the model's context of {limit}")
+        threshold = check_threshold(recommended_threshold(self.model, conf_threshold))
+        cache = make_prompt_cache(self.model) if prompt_cache is None else prompt_cache
+        if cache.tokens != ids[: len(cache.tokens)] or len(cache.tokens) > len(ids) - 2:
+            raise PipoError("the prompt cache does not hold a prefix of this prompt")
+        with mx.stream(generation_stream):
+            # Every row runs the MTP head, whatever its threshold: the batch is one graph.
+            prefill(self.model, cache, ids[len(cache.tokens) : -2], self.chunk, True)
+            _, mtp_cache = self.model.split_cache(cache.layers)
+            if cache.last_hidden is not None:  # the prompt's last MTP position, owed until now
+                self.model.draft(mx.array([ids[-2:-1]]), cache.last_hidden, mtp_cache)
+                mx.eval([c.state for c in mtp_cache])
+        uid = next(self._uids)
+        history = mx.array(ids) if logits_processors else None
+        self.rows[uid] = _Row(uid, max_tokens, threshold, sampler or greedy_sampler,
+                              list(logits_processors or []), history)
+        self.joining.append((uid, cache.layers, ids[-2:]))
+        return uid
+
+    def remove(self, uid: int) -> None:
+        """Stop a row; its slot is freed at the next step."""
+        if uid in self.rows:
+            self.rows[uid].done = True
+
+    # -- the batch's caches ----------------------------------------------------------
+
+    def _drop_finished(self) -> Optional[tuple]:
+        """Filter finished rows out of the caches; the kept rows' (next pairs, budgets), or None."""
+        keep = [i for i, uid in enumerate(self.order) if not self.rows[uid].done]
+        state = (self.in_flight.pairs, self.in_flight.remaining) if self.in_flight is not None else None
+        if len(keep) < len(self.order):
+            if keep:
+                index = mx.array(keep)
+                for c in self.caches:
+                    c.filter(index)
+                state = tuple(x[index] for x in state) if state is not None else None
+            else:
+                self.caches, state = None, None
+            self.order = [self.order[i] for i in keep]
+        for uid in [u for u, r in self.rows.items() if r.done and u not in self.order]:
+            if not any(uid == j[0] for j in self.joining):
+                del self.rows[uid]
+        return state
+
+    def _join(self, state: Optional[tuple]) -> Optional[tuple]:
+        joining = [j for j in self.joining if not self.rows[j[0]].done]
+        for uid, _, _ in self.joining:
+            if self.rows[uid].done:
+                del self.rows[uid]
+        self.joining = []
+        if not joining:
+            return state
+        per_layer = zip(*(layers for _, layers, _ in joining))
+        merged = [type(layer[0]).merge(list(layer)) for layer in per_layer]
+        new_pairs = mx.array([p for _, _, p in joining])
+        budgets = [self.rows[uid].max_tokens for uid, _, _ in joining]
+        new_remaining = mx.array([b if b > 0 else 1 << 30 for b in budgets])
+        if self.caches is None:
+            self.caches = merged
+        else:
+            for c, m in zip(self.caches, merged):
+                c.extend(m)
+        self.order += [uid for uid, _, _ in joining]
+        if state is None:
+            return new_pairs, new_remaining
+        return mx.concatenate([state[0], new_pairs]), mx.concatenate([state[1], new_remaining])
+
+    # -- one step for the whole batch ---------------------------------------------------
+
+    def _sample(self, logits: mx.array, token1: Optional[mx.array] = None) -> tuple:
+        tokens, logprobs = [], []
+        for i, uid in enumerate(self.order):
+            row = self.rows[uid]
+            x = logits[i : i + 1]
+            if row.processors:
+                history = row.history if token1 is None else mx.concatenate([row.history, token1[i]])
+                for processor in row.processors:
+                    x = processor(history, x)
+            if self.pad not in self.eos:  # PAD is never sampled: it means "token2 dropped"
+                x[:, self.pad] = -mx.inf
+            lp = x - mx.logsumexp(x, axis=-1, keepdims=True)
+            tokens.append(row.sampler(lp).astype(mx.int32))
+            logprobs.append(lp)
+        return mx.concatenate(tokens), mx.concatenate(logprobs)
+
+    def _step(self, pairs: mx.array, remaining: mx.array) -> _Step:
+        model = self.model
+        backbone_cache, mtp_cache = model.split_cache(self.caches)
+        for i, uid in enumerate(self.order):
+            row = self.rows[uid]
+            if row.history is not None and row.started:
+                row.history = mx.concatenate([row.history, pairs[i]])
+            row.started = True
+        h = model.hidden(pairs, backbone_cache)  # [B, 1, H]
+        token1, logprobs1 = self._sample(model.lm_logits(h[:, -1]))
+        m = model.draft(token1[:, None], h, mtp_cache)
+        token2, logprobs2 = self._sample(self.token2_head(m[:, -1]), token1[:, None])
+        tau = mx.array([self.rows[uid].threshold for uid in self.order])
+        c = mx.sigmoid(model.confidence(h, m)[:, -1])
+        keep = (tau < 0) | ((tau < 1) & (c >= tau))
+        if self.eos_ids is not None:
+            keep = keep & ~mx.any(token1[:, None] == self.eos_ids, axis=-1)
+        # A row whose budget ends on token1 does not keep token2, so it is not read either.
+        remaining = remaining - 1
+        keep = keep & (remaining > 0)
+        remaining = remaining - keep
+        out = mx.stack([token1, token2, keep.astype(token1.dtype)], axis=1)
+        next_pairs = mx.stack([token1, mx.where(keep, token2, self.pad)], axis=1)
+        return _Step(list(self.order), out, next_pairs, remaining, [logprobs1, logprobs2])
+
+    def next(self) -> List[BatchResponse]:
+        """One decode step of every row: each yields one or two tokens (none on the first call
+        after an idle batch, whose step is only queued)."""
+        with mx.stream(generation_stream):
+            state = self._join(self._drop_finished())
+            previous, self.in_flight = self.in_flight, None
+            if state is not None:
+                self.in_flight = self._step(*state)
+                mx.async_eval(self.in_flight.out, self.in_flight.remaining, *self.in_flight.logprobs)
+        if previous is None:  # nothing was in flight: read the step just queued
+            return self.next() if self.in_flight is not None else []
+        return self._read(previous)
+
+    def _read(self, step: _Step) -> List[BatchResponse]:
+        responses = []
+        for i, (t1, t2, keep) in enumerate(step.out.tolist()):
+            row = self.rows.get(step.uids[i])
+            if row is None or row.done:
+                continue
+            for token, lp, draft in ((t1, step.logprobs[0], False), (t2, step.logprobs[1], True)):
+                if draft and not keep:
+                    break
+                row.produced += 1
+                finish = "stop" if token in self.eos else "length" if row.produced == row.max_tokens else None
+                responses.append(BatchResponse(row.uid, token, lp[i], draft, finish))
+                if finish:
+                    row.done = True
+                    break
+        return responses
+
+
+def batch_generate(
+    model: PipoModel,
+    tokenizer: Any,
+    prompts: Sequence[Union[str, Sequence[int]]],
+    max_tokens: Union[int, Sequence[int]] = DEFAULT_MAX_TOKENS,
+    sampler: Optional[Sampler] = None,
+    conf_threshold: Union[None, float, Sequence[Optional[float]]] = None,
+    **kwargs: Any,
+) -> List[str]:
+    """The replies to `prompts` (text or token ids), decoded together in one batch.
+
+    `max_tokens` and `conf_threshold` may be one value or one per prompt; the
+    other options are `BatchGenerator`'s (`prefill_step_size`, `token2_head`).
+    """
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    n = len(prompts)
+    budgets = [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
+    thresholds = list(conf_threshold) if isinstance(conf_threshold, (list, tuple)) else [conf_threshold] * n
+    gen = BatchGenerator(model, tokenizer.eos_token_ids, **kwargs)
+    detokenizers = {}
+    for prompt, budget, threshold in zip(prompts, budgets, thresholds):
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        uid = gen.insert(ids, budget, sampler=sampler, conf_threshold=threshold)
+        detokenizers[uid] = tokenizer.detokenizer
+    while len(gen):
+        for r in gen.next():
+            if r.token not in tokenizer.eos_token_ids:
+                detokenizers[r.uid].add_token(r.token)
+    texts = []
+    for d in detokenizers.values():
+        d.finalize()
+        texts.append(d.text)
+    return texts
