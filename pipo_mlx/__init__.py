@@ -1,5 +1,6 @@
 """PIPO (Pair-In, Pair-Out) decoding for Qwen3.5 models in MLX (docs/design.md)."""
 
+from .batch import BatchGenerator, batch_generate
 from .chat import ChatSession
 from .conversion import convert
 from .decode import PipoResponse, generate, stream_generate
@@ -11,6 +12,7 @@ from .token2_head import make_token2_head
 from .train_config import TrainConfig  # the loop itself: pipo_mlx.trainer.train
 
 __all__ = [
+    "BatchGenerator",
     "ChatSession",
     "PipoError",
     "PipoModel",
@@ -18,6 +20,7 @@ __all__ = [
     "PipoResponse",
     "PromptCacheStore",
     "TrainConfig",
+    "batch_generate",
     "convert",
     "generate",
     "load",

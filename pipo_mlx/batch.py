@@ -44,6 +44,7 @@ class _Row:
     sampler: Sampler
     processors: List[LogitsProcessor]
     history: Optional[mx.array]  # what the processors see: every token read, PADs included
+    tokens: List[int] = field(default_factory=list)  # what the row's caches have read, in pairs
     produced: int = 0
     done: bool = False
     started: bool = False  # the first step reads the prompt's last pair, already in `history`
@@ -55,6 +56,7 @@ class _Step:
     out: mx.array  # [B, 3]: token1, token2, keep
     pairs: mx.array  # [B, 2]: what each row reads next, token2 gated into PAD
     remaining: mx.array  # [B]: token budget left after this step
+    hidden: mx.array  # [B, 1, H]: backbone state at the position this step read
     logprobs: List[mx.array] = field(default_factory=list)  # [B, V] for token1, then token2
 
 
@@ -79,6 +81,7 @@ class BatchGenerator:
         self.order: List[int] = []
         self.joining: List[tuple] = []  # (uid, settled PromptCache, last pair)
         self.in_flight: Optional[_Step] = None
+        self.released: Dict[int, PromptCache] = {}  # finished rows' caches, for a PromptCacheStore
         self._uids = itertools.count()
 
     def __len__(self) -> int:
@@ -120,7 +123,7 @@ class BatchGenerator:
         uid = next(self._uids)
         history = mx.array(ids) if logits_processors else None
         self.rows[uid] = _Row(uid, max_tokens, threshold, sampler or greedy_sampler,
-                              list(logits_processors or []), history)
+                              list(logits_processors or []), history, list(ids))
         self.joining.append((uid, cache.layers, ids[-2:]))
         return uid
 
@@ -134,6 +137,9 @@ class BatchGenerator:
     def _drop_finished(self) -> Optional[tuple]:
         """Filter finished rows out of the caches; the kept rows' (next pairs, budgets), or None."""
         keep = [i for i, uid in enumerate(self.order) if not self.rows[uid].done]
+        if self.in_flight is not None:
+            for i in set(range(len(self.order))) - set(keep):
+                self._release(i)
         state = (self.in_flight.pairs, self.in_flight.remaining) if self.in_flight is not None else None
         if len(keep) < len(self.order):
             if keep:
@@ -148,6 +154,19 @@ class BatchGenerator:
             if not any(uid == j[0] for j in self.joining):
                 del self.rows[uid]
         return state
+
+    def _release(self, i: int) -> None:
+        """Row i's caches as a settled `PromptCache` over `row.tokens` (docs/design.md §11).
+
+        The step in flight has read the row's last committed pair; its MTP entry
+        used a token1 that was never committed, so it is trimmed, and the
+        backbone state it came from is kept as `last_hidden`.
+        """
+        row = self.rows[self.order[i]]
+        layers = [c.extract(i) for c in self.caches]
+        for c in self.model.split_cache(layers)[1]:
+            c.trim(1)
+        self.released[row.uid] = PromptCache(layers, row.tokens, self.in_flight.hidden[i : i + 1], True)
 
     def _join(self, state: Optional[tuple]) -> Optional[tuple]:
         joining = [j for j in self.joining if not self.rows[j[0]].done]
@@ -213,7 +232,7 @@ class BatchGenerator:
         remaining = remaining - keep
         out = mx.stack([token1, token2, keep.astype(token1.dtype)], axis=1)
         next_pairs = mx.stack([token1, mx.where(keep, token2, self.pad)], axis=1)
-        return _Step(list(self.order), out, next_pairs, remaining, [logprobs1, logprobs2])
+        return _Step(list(self.order), out, next_pairs, remaining, h, [logprobs1, logprobs2])
 
     def next(self) -> List[BatchResponse]:
         """One decode step of every row: each yields one or two tokens (none on the first call
@@ -234,6 +253,7 @@ class BatchGenerator:
             row = self.rows.get(step.uids[i])
             if row is None or row.done:
                 continue
+            row.tokens += [t1, t2 if keep else self.pad]
             for token, lp, draft in ((t1, step.logprobs[0], False), (t2, step.logprobs[1], True)):
                 if draft and not keep:
                     break

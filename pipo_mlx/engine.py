@@ -1,14 +1,13 @@
 """The request loop behind the server: many requests, one model, one thread on MLX.
 
 Requests wait in a first-come, first-served queue. Up to `max_active` decode
-at once, each advanced by one PIPO step per round in turn, so a long reply
-does not hold back a short one; `_round` is the place where batched decoding
-(one graph for every running request) plugs in. A request with a seed runs
-alone, because the samplers draw from MLX's global random state.
+at once as rows of one `BatchGenerator`: each step is one graph for all of
+them, and rows join and leave between steps. A request with a seed runs alone,
+because the samplers draw from MLX's global random state.
 
 Each request starts from the longest reusable prompt cache (docs/design.md
-§11), prefills the rest, and its caches go back to the store twice: after
-the prompt, and after the reply.
+§11), prefills the rest, and its caches go back to the store twice: after the
+prompt, and after the reply (released by the batch when the row ends).
 """
 
 import queue
@@ -16,14 +15,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, List, Optional, Sequence, Tuple, Union
+from typing import Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .decode import DEFAULT_PREFILL_STEP_SIZE, check_threshold, generate_step, recommended_threshold
+from .batch import BatchGenerator, BatchResponse
+from .decode import DEFAULT_PREFILL_STEP_SIZE
 from .model import PipoModel
 from .prompt_cache import PromptCacheStore, pair_up, prefill
 from .token2_head import Token2Head
@@ -116,10 +116,10 @@ class StopStrings:
 
 
 class _Running:
-    """A started job: its decode generator and what has come out of it."""
+    """A started job: its row in the batch and what has come out of it."""
 
-    def __init__(self, job: Job, tokens, cache, detokenizer, cached: int, started: float):
-        self.job, self.tokens, self.cache, self.detokenizer = job, tokens, cache, detokenizer
+    def __init__(self, job: Job, uid: int, detokenizer, cached: int, started: float):
+        self.job, self.uid, self.detokenizer = job, uid, detokenizer
         self.cached, self.started = cached, started
         self.stops = StopStrings(job.stop)
         self.n = self.steps = self.kept = 0
@@ -141,10 +141,10 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.store = PromptCacheStore(model, prompt_cache_bytes)
         self.max_active = max_active
-        self.chunk = max(2, prefill_step_size - prefill_step_size % 2)
-        self.token2_head = token2_head
+        self._new_batch = lambda: BatchGenerator(model, tokenizer.eos_token_ids, prefill_step_size, token2_head)
+        self.batch = self._new_batch()
         self._queue: Deque[Job] = deque()
-        self._running: List[_Running] = []
+        self._running: Dict[int, _Running] = {}  # by batch row uid
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="pipo-engine", daemon=True)
@@ -192,13 +192,13 @@ class Engine:
             self.error = e
             raise
         finally:
-            for r in self._running:
+            for r in self._running.values():
                 r.job.events.put(Failed(RuntimeError("the server is shutting down")))
 
     def _admit(self) -> List[Job]:
         """Jobs to start now, in arrival order; a seeded job waits to run alone."""
         admitted: List[Job] = []
-        running = [r.job for r in self._running]
+        running = [r.job for r in self._running.values()]
         while self._queue and len(running) + len(admitted) < self.max_active:
             job = self._queue[0]
             if job.cancelled.is_set():
@@ -213,62 +213,66 @@ class Engine:
     def _start(self, job: Job) -> None:
         started = time.perf_counter()
         try:
-            threshold = check_threshold(recommended_threshold(self.model, job.conf_threshold))
-            use_mtp = threshold < 1
             ids = pair_up(job.prompt, self.model.pad_token_id)
-            cache = self.store.fetch(ids, use_mtp)
+            # Batch rows always run the MTP head, so the cached prompts all have it.
+            cache = self.store.fetch(ids, True)
             cached = len(cache.tokens)
             with mx.stream(generation_stream):
                 if len(ids) - 2 > cached:
-                    prefill(self.model, cache, ids[cached:-2], self.chunk, use_mtp)
+                    prefill(self.model, cache, ids[cached:-2], self.batch.chunk, True)
                     self.store.insert(cache, copy_it=True)
             s = job.sampling
             if s.seed is not None:
                 mx.random.seed(s.seed)
-            tokens = generate_step(
-                ids[-2:],
-                self.model,
-                eos_token_ids=self.tokenizer.eos_token_ids,
-                max_tokens=job.max_tokens,
+            uid = self.batch.insert(
+                ids,
+                job.max_tokens,
                 sampler=make_sampler(s.temperature, s.top_p, s.min_p, top_k=s.top_k),
                 logits_processors=make_logits_processors(
                     repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty
                 ),
-                conf_threshold=threshold,
+                conf_threshold=job.conf_threshold,
                 prompt_cache=cache,
-                prefill_step_size=self.chunk,
-                token2_head=self.token2_head,
             )
         except Exception as e:
             job.events.put(Failed(e))
             return
-        self._running.append(
-            _Running(job, tokens, cache, self.tokenizer.detokenizer, min(cached, len(job.prompt)), started)
-        )
+        self._running[uid] = _Running(job, uid, self.tokenizer.detokenizer, min(cached, len(job.prompt)), started)
 
     def _round(self) -> None:
-        """One step of every running job, in turn."""
-        for r in list(self._running):
-            try:
-                if r.job.cancelled.is_set():
-                    self._finish(r, "cancelled")
-                else:
-                    self._advance(r)
-            except Exception as e:
-                self._running.remove(r)
-                r.tokens.close()
+        """One batched step of every running job."""
+        for r in list(self._running.values()):
+            if r.job.cancelled.is_set():
+                self._finish(r, "cancelled")
+        if not self._running:
+            return
+        try:
+            responses = self.batch.next()
+        except Exception as e:  # the whole batch is lost: tell every request, start afresh
+            for r in self._running.values():
                 r.job.events.put(Failed(e))
+            self._running.clear()
+            self.batch = self._new_batch()
+            return
+        for response in responses:
+            r = self._running.get(response.uid)
+            if r is not None:
+                self._advance(r, response)
+        if not len(self.batch):  # the last rows ended: one more call releases their caches
+            self.batch.next()
+        for cache in self.batch.released.values():
+            self.store.insert(cache)
+        self.batch.released.clear()
 
-    def _advance(self, r: _Running) -> None:
-        token, logprobs, from_draft = next(r.tokens)
+    def _advance(self, r: _Running, response: BatchResponse) -> None:
+        token, logprobs = response.token, response.logprobs
         if r.n == 0:
             r.ttft = time.perf_counter() - r.started
         r.n += 1
-        r.kept += from_draft
-        r.steps += not from_draft
-        eos = token in self.tokenizer.eos_token_ids
-        finish = "stop" if eos else "length" if r.n == r.job.max_tokens else None
-        if not eos:
+        r.kept += response.from_draft
+        r.steps += not response.from_draft
+        finish = response.finish_reason
+        if finish != "stop":
             r.detokenizer.add_token(token)
         if finish:
             r.detokenizer.finalize()
@@ -282,14 +286,13 @@ class Engine:
             k = min(r.job.top_logprobs, logprobs.size)
             ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
             top = sorted(zip(ids.tolist(), logprobs[ids].tolist()), key=lambda p: -p[1])
-        r.job.events.put(TokenEvent(text, token, from_draft, logprobs[token].item(), top))
+        r.job.events.put(TokenEvent(text, token, response.from_draft, logprobs[token].item(), top))
         if finish:
             self._finish(r, finish)
 
     def _finish(self, r: _Running, reason: str) -> None:
-        self._running.remove(r)
-        r.tokens.close()  # settles the caches: the last pair's MTP entry is owed
-        self.store.insert(r.cache)
+        del self._running[r.uid]
+        self.batch.remove(r.uid)
         r.job.events.put(
             Finished(reason, len(r.job.prompt), r.cached, r.n, r.steps, r.kept, r.ttft)
         )
