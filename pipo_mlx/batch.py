@@ -194,20 +194,26 @@ class BatchGenerator:
     # -- one step for the whole batch ---------------------------------------------------
 
     def _sample(self, logits: mx.array, token1: Optional[mx.array] = None) -> tuple:
-        tokens, logprobs = [], []
-        for i, uid in enumerate(self.order):
-            row = self.rows[uid]
-            x = logits[i : i + 1]
-            if row.processors:
-                history = row.history if token1 is None else mx.concatenate([row.history, token1[i]])
-                for processor in row.processors:
-                    x = processor(history, x)
-            if self.pad not in self.eos:  # PAD is never sampled: it means "token2 dropped"
-                x[:, self.pad] = -mx.inf
-            lp = x - mx.logsumexp(x, axis=-1, keepdims=True)
-            tokens.append(row.sampler(lp).astype(mx.int32))
-            logprobs.append(lp)
-        return mx.concatenate(tokens), mx.concatenate(logprobs)
+        """Each row's token by its own processors and sampler; the rest is batched."""
+        rows = [self.rows[uid] for uid in self.order]
+        if any(r.processors for r in rows):
+            parts = []
+            for i, row in enumerate(rows):
+                x = logits[i : i + 1]
+                if row.processors:
+                    history = row.history if token1 is None else mx.concatenate([row.history, token1[i]])
+                    for processor in row.processors:
+                        x = processor(history, x)
+                parts.append(x)
+            logits = mx.concatenate(parts)
+        if self.pad not in self.eos:  # PAD is never sampled: it means "token2 dropped"
+            logits[:, self.pad] = -mx.inf
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if all(r.sampler is rows[0].sampler for r in rows):
+            tokens = rows[0].sampler(logprobs)
+        else:
+            tokens = mx.concatenate([r.sampler(logprobs[i : i + 1]) for i, r in enumerate(rows)])
+        return tokens.astype(mx.int32), logprobs
 
     def _step(self, pairs: mx.array, remaining: mx.array) -> _Step:
         model = self.model

@@ -160,3 +160,21 @@ def test_server_bench_quick_run_measures_both_sides(mlx_pipo, committed):
     assert r["overhead"]["server_tok_s"] > 0 and r["overhead"]["library_tok_s"] > 0
     bench = load_script("bench_server")
     assert bench.parse_args([]).out == RESULTS and bench.parse_args(["--repeats", "1"]).out == SCRATCH
+
+
+def test_batch_bench_quick_run_measures_every_side(mlx_pipo, committed):
+    """benchmarks/bench_batch.py --quick: mlx-lm, keep-all and default at each batch size; never the committed file."""
+    (SCRATCH / "batch.json").unlink(missing_ok=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_batch.py"), "--quick", "--model", str(mlx_pipo)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert committed.changed() == [], "a --quick run rewrote the committed results"
+    r = json.loads((SCRATCH / "batch.json").read_text())
+    assert [len(m["rows"]) for m in r["models"]] == [2, 2]
+    for m in r["models"]:
+        for row in m["rows"]:
+            assert row["mlx-lm"] > 0 and row["keep-all"] > 0 and row["default"] > 0
+    bench = load_script("bench_batch")
+    assert bench.parse_args([]).out == RESULTS and bench.parse_args(["--tokens", "8"]).out == SCRATCH
