@@ -388,3 +388,27 @@ def test_tools_reach_the_template_and_tool_calls_come_back_parsed(mlx_pipo, tmp_
         assert finish == "tool_calls" and len(calls) == 1
         assert calls[0]["function"]["name"] == "get_time"
         assert json.loads(calls[0]["function"]["arguments"]) == {"tz": "UTC"}
+
+
+def test_stop_strings_cut_at_the_first_stop_for_any_split():
+    import random
+
+    from pipo_mlx.engine import StopStrings
+
+    rng = random.Random(0)
+    text = "def f(x):\n    return x\n\n\nclass A:\n    pass\n"
+    for stops in (["\n\n"], ["class", "\n\n\n"], ["return x\n"], ["never"], ["A:", "f("]):
+        hits = [text.find(s) for s in stops if s in text]
+        want = text[: min(hits)] if hits else text
+        for _ in range(50):
+            cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 12)))
+            pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+            s, out = StopStrings(stops), ""
+            for piece in pieces:
+                released, stopped = s.feed(piece)
+                out += released
+                if stopped:
+                    break
+            else:
+                out += s.flush()
+            assert out == want, (stops, pieces)
