@@ -79,7 +79,7 @@ class BatchGenerator:
         self.rows: Dict[int, _Row] = {}
         self.caches: Optional[List[Any]] = None  # the batch's caches, rows in `self.order`
         self.order: List[int] = []
-        self.joining: List[tuple] = []  # (uid, settled PromptCache, last pair)
+        self.joining: List[tuple] = []  # (uid, prefilled cache layers, last prompt pair)
         self.in_flight: Optional[_Step] = None
         self.released: Dict[int, PromptCache] = {}  # finished rows' caches, for a PromptCacheStore
         self._uids = itertools.count()
