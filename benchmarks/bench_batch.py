@@ -1,6 +1,6 @@
 """Aggregate decoding throughput at batch sizes 1 to 16: PIPO's batch against mlx-lm's.
 
-    python benchmarks/bench_batch.py            # about 15 minutes on 2 CPU cores
+    python benchmarks/bench_batch.py            # about 12 minutes on 2 CPU cores
     python benchmarks/bench_batch.py --quick    # a smoke run: build/bench/
 
 For each model and batch size B, B prompts of --prompt-tokens random ids each

@@ -1,6 +1,6 @@
 """What the server's prompt cache saves, and what serving costs, measured side by side.
 
-    python benchmarks/bench_server.py            # the shipped demo model, about 3 minutes
+    python benchmarks/bench_server.py            # the shipped demo model, about 6 minutes
     python benchmarks/bench_server.py --quick    # a smoke run: build/bench/
 
 1. Time to first token of turn N (2, 4, 8) of a multi-turn chat, through two
