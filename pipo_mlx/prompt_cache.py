@@ -103,13 +103,6 @@ class PromptCacheStore:
         self.model, self.max_bytes = model, max_bytes
         self._lru = LRUPromptCache(max_size=max_entries, max_bytes=max_bytes)
 
-    def __len__(self) -> int:
-        return len(self._lru)
-
-    @property
-    def nbytes(self) -> int:
-        return self._lru.nbytes
-
     def fetch(self, ids: List[int], use_mtp: bool) -> PromptCache:
         """A fresh copy of the stored cache that reads the longest prefix of `ids`.
 

@@ -240,7 +240,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-cache-bytes", default="1GB",
                    help="memory for cached conversations, e.g. 512MB or 4GB (default 1GB); 0 turns caching off")
     g.add_argument("--max-concurrent", type=int, default=8,
-                   help="requests decoding at once, one step each in turn; later ones queue (default 8)")
+                   help="requests decoding at once, as the rows of one batch; later ones queue (default 8)")
     g.add_argument("--max-request-bytes", type=int, default=16 * 2**20,
                    help="largest request body accepted (default 16 MiB)")
     g.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE,
