@@ -49,6 +49,7 @@ class Job:
     sampling: Sampling = field(default_factory=Sampling)
     conf_threshold: Optional[float] = None
     stop: Sequence[str] = ()
+    logprobs: bool = False  # each token's log-probability (a host read per token)
     top_logprobs: int = 0  # > 0: the top-n alternatives of every token too
     events: "queue.Queue[Union[TokenEvent, Finished, Failed]]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -63,7 +64,7 @@ class TokenEvent:
     text: str  # the text this token releases, stop strings held back and cut
     token: int
     from_draft: bool  # a token2, drafted by the MTP head and kept
-    logprob: float
+    logprob: Optional[float]  # when the job asked for log-probabilities
     top_logprobs: List[Tuple[int, float]]
 
 
@@ -286,7 +287,8 @@ class Engine:
             k = min(r.job.top_logprobs, logprobs.size)
             ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
             top = sorted(zip(ids.tolist(), logprobs[ids].tolist()), key=lambda p: -p[1])
-        r.job.events.put(TokenEvent(text, token, response.from_draft, logprobs[token].item(), top))
+        logprob = logprobs[token].item() if r.job.logprobs or top else None
+        r.job.events.put(TokenEvent(text, token, response.from_draft, logprob, top))
         if finish:
             self._finish(r, finish)
 

@@ -165,6 +165,14 @@ def test_logprobs_are_the_decoders(server, client, lib):
         values = [t.logprob for t in got.top_logprobs]
         assert values == sorted(values, reverse=True)
         assert values[0] == pytest.approx(got.logprob, abs=1e-4)  # greedy takes the top token
+    text = lib[1].encode("import os")
+    legacy = client.completions.create(model="default_model", prompt="import os", max_tokens=5, logprobs=2,
+                                       extra_body={"conf_threshold": -1.0})
+    want = list(stream_generate(model, tokenizer, text, max_tokens=5, conf_threshold=-1.0))
+    lp = legacy.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(want)
+    for got, w, top in zip(lp.token_logprobs, want, lp.top_logprobs):
+        assert got == pytest.approx(w.logprobs[w.token].item(), abs=1e-4) and len(top) <= 2
 
 
 # -- the prompt cache ---------------------------------------------------------------

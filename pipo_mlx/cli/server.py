@@ -146,7 +146,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         job = app.engine.submit(Job(
             prompt=request.prompt, max_tokens=request.max_tokens, sampling=request.sampling,
-            conf_threshold=request.conf_threshold, stop=request.stop, top_logprobs=request.top_logprobs,
+            conf_threshold=request.conf_threshold, stop=request.stop, logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs,
         ))
         reply = Reply(request, app.tokenizer, app.model_id, int(time.time()))
         try:
