@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
+from mlx_lm.models.cache import ArraysCache
 from mlx_lm.sample_utils import LogitsProcessor, Sampler, greedy_sampler
 
 from .decode import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE, check_threshold, recommended_threshold
@@ -166,7 +167,15 @@ class BatchGenerator:
         layers = [c.extract(i) for c in self.caches]
         for c in self.model.split_cache(layers)[1]:
             c.trim(1)
-        self.released[row.uid] = PromptCache(layers, row.tokens, self.in_flight.hidden[i : i + 1], True)
+        # Own copies: a slice would keep the whole batch's arrays alive in the store.
+        for c in layers:
+            if isinstance(c, ArraysCache):
+                c.cache = [None if x is None else x * 1 for x in c.cache]
+            else:
+                c.keys, c.values = c.keys * 1, c.values * 1
+        hidden = self.in_flight.hidden[i : i + 1] * 1
+        mx.eval([c.state for c in layers], hidden)
+        self.released[row.uid] = PromptCache(layers, row.tokens, hidden, True)
 
     def _join(self, state: Optional[tuple]) -> Optional[tuple]:
         joining = [j for j in self.joining if not self.rows[j[0]].done]
