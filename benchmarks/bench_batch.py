@@ -1,6 +1,6 @@
 """Aggregate decoding throughput at batch sizes 1 to 16: PIPO's batch against mlx-lm's.
 
-    python benchmarks/bench_batch.py            # about 12 minutes on 2 CPU cores
+    python benchmarks/bench_batch.py            # about 22 minutes on 2 CPU cores
     python benchmarks/bench_batch.py --quick    # a smoke run: build/bench/
 
 For each model and batch size B, B prompts of --prompt-tokens random ids each
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS, SCRATCH = REPO / "benchmarks" / "results", REPO / "build" / "bench"
 DEMO = REPO / "models" / "pipo-stdlib"
 SIZES = (1, 4, 8, 16)
-RANDOM = ("20M", "80M")
+RANDOM = ("20M", "80M", "190M")
 
 
 def run_mlx_lm(base, prompts: List[List[int]], tokens: int) -> float:
