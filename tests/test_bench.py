@@ -143,16 +143,21 @@ def test_output_folder_follows_the_kind_of_run(tmp_path):
     assert out("--out", str(tmp_path)) == tmp_path
 
 
-def test_server_bench_quick_run_measures_both_sides(mlx_pipo, committed):
-    """benchmarks/bench_server.py --quick: both servers, every turn, the overhead; never the committed file."""
-    (SCRATCH / "server.json").unlink(missing_ok=True)
+def quick_run(script: str, result: str, model: Path, committed: Committed) -> dict:
+    """`benchmarks/<script>.py --quick --model <model>`: its JSON in build/bench, the committed files untouched."""
+    (SCRATCH / result).unlink(missing_ok=True)
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_server.py"), "--quick", "--model", str(mlx_pipo)],
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--model", str(model)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert committed.changed() == [], "a --quick run rewrote the committed results"
-    r = json.loads((SCRATCH / "server.json").read_text())
+    return json.loads((SCRATCH / result).read_text())
+
+
+def test_server_bench_quick_run_measures_both_sides(mlx_pipo, committed):
+    """benchmarks/bench_server.py --quick: both servers, every turn, the overhead; never the committed file."""
+    r = quick_run("bench_server", "server.json", mlx_pipo, committed)
     assert set(r["ttft_by_turn"]) == {"2", "4", "8"}
     for row in r["ttft_by_turn"].values():
         assert row["ttft_cached_s"] > 0 and row["ttft_uncached_s"] > 0
@@ -164,14 +169,7 @@ def test_server_bench_quick_run_measures_both_sides(mlx_pipo, committed):
 
 def test_batch_bench_quick_run_measures_every_side(mlx_pipo, committed):
     """benchmarks/bench_batch.py --quick: mlx-lm, keep-all and default at each batch size; never the committed file."""
-    (SCRATCH / "batch.json").unlink(missing_ok=True)
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_batch.py"), "--quick", "--model", str(mlx_pipo)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert committed.changed() == [], "a --quick run rewrote the committed results"
-    r = json.loads((SCRATCH / "batch.json").read_text())
+    r = quick_run("bench_batch", "batch.json", mlx_pipo, committed)
     assert [len(m["rows"]) for m in r["models"]] == [2, 2]
     for m in r["models"]:
         for row in m["rows"]:
