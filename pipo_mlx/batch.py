@@ -21,7 +21,13 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import ArraysCache
 from mlx_lm.sample_utils import LogitsProcessor, Sampler, greedy_sampler
 
-from .decode import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE, check_threshold, recommended_threshold
+from .decode import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_PREFILL_STEP_SIZE,
+    check_request,
+    check_threshold,
+    recommended_threshold,
+)
 from .errors import PipoError
 from .model import PipoModel
 from .prompt_cache import PromptCache, make_prompt_cache, pair_up, prefill
@@ -70,7 +76,10 @@ class BatchGenerator:
         eos_token_ids: Iterable[int] = (),
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
         token2_head: Union[str, Token2Head] = DEFAULT_TOKEN2_HEAD,
+        release_caches: bool = False,
     ):
+        """`release_caches`: keep each ending row's caches in `released` (for a
+        `PromptCacheStore`); it costs a copy and a wait for the step in flight."""
         self.model = model
         self.pad = model.pad_token_id
         self.eos = sorted(set(eos_token_ids))
@@ -82,7 +91,8 @@ class BatchGenerator:
         self.order: List[int] = []
         self.joining: List[tuple] = []  # (uid, prefilled cache layers, last prompt pair)
         self.in_flight: Optional[_Step] = None
-        self.released: Dict[int, PromptCache] = {}  # finished rows' caches, for a PromptCacheStore
+        self.release_caches = release_caches
+        self.released: Dict[int, PromptCache] = {}  # ended rows' caches, by uid
         self._uids = itertools.count()
 
     def __len__(self) -> int:
@@ -103,13 +113,7 @@ class BatchGenerator:
         (from `pipo_mlx.PromptCacheStore`); it becomes this row's and is not reusable.
         """
         ids = pair_up([int(t) for t in prompt], self.pad)
-        if not ids:
-            raise PipoError("the prompt is empty; give at least one token of text")
-        if max_tokens == 0 or max_tokens < -1:
-            raise PipoError(f"max_tokens must be positive (or -1 for no limit), got {max_tokens}")
-        limit = self.model.args.max_position_embeddings
-        if len(ids) > limit:
-            raise PipoError(f"the prompt has {len(ids)} tokens, more than the model's context of {limit}")
+        check_request(self.model, ids, max_tokens)
         threshold = check_threshold(recommended_threshold(self.model, conf_threshold))
         cache = make_prompt_cache(self.model) if prompt_cache is None else prompt_cache
         if cache.tokens != ids[: len(cache.tokens)] or len(cache.tokens) > len(ids) - 2:
@@ -130,17 +134,20 @@ class BatchGenerator:
 
     def remove(self, uid: int) -> None:
         """Stop a row; its slot is freed at the next step."""
-        if uid in self.rows:
-            self.rows[uid].done = True
+        row = self.rows.get(uid)
+        if row is not None and not row.done:
+            self._end(row)
+
+    def _end(self, row: _Row) -> None:
+        row.done = True
+        if self.release_caches and row.uid in self.order and self.in_flight is not None:
+            self._release(self.order.index(row.uid))
 
     # -- the batch's caches ----------------------------------------------------------
 
     def _drop_finished(self) -> Optional[tuple]:
         """Filter finished rows out of the caches; the kept rows' (next pairs, budgets), or None."""
         keep = [i for i, uid in enumerate(self.order) if not self.rows[uid].done]
-        if self.in_flight is not None:
-            for i in set(range(len(self.order))) - set(keep):
-                self._release(i)
         state = (self.in_flight.pairs, self.in_flight.remaining) if self.in_flight is not None else None
         if len(keep) < len(self.order):
             if keep:
@@ -159,7 +166,8 @@ class BatchGenerator:
     def _release(self, i: int) -> None:
         """Row i's caches as a settled `PromptCache` over `row.tokens` (docs/design.md §11).
 
-        The step in flight has read the row's last committed pair; its MTP entry
+        The rows are still those of the step in flight, which has read the
+        row's last committed pair; its MTP entry
         used a token1 that was never committed, so it is trimmed, and the
         backbone state it came from is kept as `last_hidden`.
         """
@@ -276,7 +284,7 @@ class BatchGenerator:
                 finish = "stop" if token in self.eos else "length" if row.produced == row.max_tokens else None
                 responses.append(BatchResponse(row.uid, token, lp[i], draft, finish))
                 if finish:
-                    row.done = True
+                    self._end(row)
                     break
         return responses
 

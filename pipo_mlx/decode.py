@@ -75,6 +75,22 @@ def check_threshold(value: float) -> float:
     return float(value)
 
 
+def check_request(model: PipoModel, ids: List[int], max_tokens: int, held: int = 0) -> None:
+    """A decode request checked: its budget, and its paired prompt on top of the `held`
+    tokens a prompt cache already has against the model's context."""
+    if max_tokens == 0 or max_tokens < -1:
+        raise PipoError(f"max_tokens must be positive (or -1 for no limit), got {max_tokens}")
+    if not ids:
+        raise PipoError("the prompt is empty; give at least one token of text")
+    limit = model.args.max_position_embeddings
+    if held + len(ids) > limit:
+        on_top = f" on top of the {held} already in the cache" if held else ""
+        raise PipoError(
+            f"the prompt has {len(ids)} tokens{on_top}, more than the model's context of "
+            f"{limit}; shorten it{' or start a new conversation' if held else ''}"
+        )
+
+
 class _Step(NamedTuple):
     out: mx.array  # [token1, token2, keep]: the only array the host reads
     pair: mx.array  # [1, 2]: what the next step reads, token2 gated into PAD
@@ -106,10 +122,6 @@ def generate_step(
     """
     ids = prompt.tolist() if isinstance(prompt, mx.array) else [int(t) for t in prompt]
     threshold = check_threshold(recommended_threshold(model, conf_threshold))
-    if max_tokens == 0 or max_tokens < -1:
-        raise PipoError(f"max_tokens must be positive (or -1 for no limit), got {max_tokens}")
-    if not ids:
-        raise PipoError("the prompt is empty; give at least one token of text")
     if prefill_step_size < 2:
         raise PipoError(f"prefill_step_size must be at least 2 (one pair), got {prefill_step_size}")
     cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
@@ -118,13 +130,7 @@ def generate_step(
 
     pad = model.pad_token_id
     ids = pair_up(ids, pad)
-    limit = model.args.max_position_embeddings
-    if len(cache.tokens) + len(ids) > limit:
-        held = f" on top of the {len(cache.tokens)} already in the cache" if cache.tokens else ""
-        raise PipoError(
-            f"the prompt has {len(ids)} tokens{held}, more than the model's context of "
-            f"{limit}; shorten it{' or start a new conversation' if held else ''}"
-        )
+    check_request(model, ids, max_tokens, held=len(cache.tokens))
     use_mtp = threshold < 1  # threshold >= 1 never keeps token2: skip the MTP outright
     if isinstance(token2_head, str):
         token2_head = make_token2_head(model, token2_head)

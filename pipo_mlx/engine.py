@@ -142,7 +142,9 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.store = PromptCacheStore(model, prompt_cache_bytes)
         self.max_active = max_active
-        self._new_batch = lambda: BatchGenerator(model, tokenizer.eos_token_ids, prefill_step_size, token2_head)
+        self._new_batch = lambda: BatchGenerator(
+            model, tokenizer.eos_token_ids, prefill_step_size, token2_head, release_caches=True
+        )
         self.batch = self._new_batch()
         self._queue: Deque[Job] = deque()
         self._running: Dict[int, _Running] = {}  # by batch row uid
@@ -259,11 +261,6 @@ class Engine:
             r = self._running.get(response.uid)
             if r is not None:
                 self._advance(r, response)
-        if not len(self.batch):  # the last rows ended: one more call releases their caches
-            self.batch.next()
-        for cache in self.batch.released.values():
-            self.store.insert(cache)
-        self.batch.released.clear()
 
     def _advance(self, r: _Running, response: BatchResponse) -> None:
         token, logprobs = response.token, response.logprobs
@@ -295,6 +292,9 @@ class Engine:
     def _finish(self, r: _Running, reason: str) -> None:
         del self._running[r.uid]
         self.batch.remove(r.uid)
+        cache = self.batch.released.pop(r.uid, None)
+        if cache is not None:
+            self.store.insert(cache)
         r.job.events.put(
             Finished(reason, len(r.job.prompt), r.cached, r.n, r.steps, r.kept, r.ttft)
         )
