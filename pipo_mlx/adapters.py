@@ -2,7 +2,7 @@
 folding LoRA back in (docs/design.md §6)."""
 
 from contextlib import contextmanager
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -50,7 +50,21 @@ def setup_trainable(model: PipoModel, cfg: TrainConfig) -> Dict[str, mx.Dtype]:
                 m.linear.freeze()  # the MTP layer's base weights were unfrozen above
     dtypes = {k: v.dtype for k, v in tree_flatten(model.trainable_parameters())}
     model.update(tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters()))
+    model.compute_dtype = compute_dtype(cfg.compute_dtype, model.model.embed_tokens.weight.dtype)
     return dtypes
+
+
+def compute_dtype(choice: str, weights: mx.Dtype) -> Optional[mx.Dtype]:
+    """float32 where asked, or on the CPU over half-precision weights: MLX's CPU
+    multiplies bfloat16 matrices ~30x slower than float32 (docs/design.md §6).
+    The frozen weights stay in their dtype; each layer's matmuls read them
+    upcast, a copy that lives only while that layer runs when layers are
+    recomputed (--grad-checkpoint). None: compute in the weights' dtype."""
+    half = weights in (mx.bfloat16, mx.float16)
+    on_cpu = mx.default_device().type == mx.cpu
+    if choice == "float32" or (choice == "auto" and half and on_cpu):
+        return mx.float32
+    return None
 
 
 def fuse_model(model: PipoModel, dtypes: Dict[str, mx.Dtype]) -> PipoModel:

@@ -257,6 +257,9 @@ def convert(
     origin = {k: origin.get(k, src) for k in weights}
     fresh = _check_weights(model, weights, origin, src)
     model.load_weights(list(weights.items()), strict=False)
+    # From here the model holds the only references to the lazily read and merged
+    # tensors, so each is freed once the shard that needs it is written.
+    del weights, origin
     if fresh:
         print(f"[INFO] initialised fresh {', '.join(fresh)} (train them with train_heads.py)")
 
@@ -267,5 +270,7 @@ def convert(
     if quantize:
         model, out_config = quantize_model(model, out_config, q_group_size, q_bits)
 
-    save_folder(dst, model, out_config, tokenizer, tokenizer_dir / "generation_config.json")
+    save_folder(
+        dst, model, out_config, tokenizer, tokenizer_dir / "generation_config.json", donate=True
+    )
     return dst

@@ -96,8 +96,8 @@ def predicting_states(model: PipoModel, ids: mx.array) -> Tuple[mx.array, mx.arr
     """The teacher-forced states that predict each pair's slots, evaluated: backbone
     states h[:, :-1] for the token1 slots, MTP states m for the token2 slots."""
     # The heads may be float32 master weights (setup_trainable); the backbone
-    # keeps its own dtype.
-    x = model.compress(ids).astype(model.model.embed_tokens.weight.dtype)
+    # computes in its weights' dtype unless training asked for another.
+    x = model.compress(ids).astype(model.compute_dtype or model.model.embed_tokens.weight.dtype)
     h = model.model(None, input_embeddings=x)[:, :-1]
     m = model.draft(ids[:, 2::2], h)
     mx.eval(h, m)

@@ -54,6 +54,10 @@ class PipoModel(nn.Module):
     """Mixed in before a backbone's text model class, which provides `model`
     (with `embed_tokens`), `lm_head` when untied, `layers` and `make_cache`."""
 
+    # What the training forward computes in; None: the weights' own dtype
+    # (set by adapters.setup_trainable, docs/design.md §6).
+    compute_dtype: Optional[mx.Dtype] = None
+
     def __init__(self, args: PipoArgs):
         super().__init__(args)
         self.compressor = Compressor(args.hidden_size, args.compressor_type)

@@ -10,6 +10,7 @@ OPTIMIZERS = ("adamw", "adam", "lion", "sgd")
 TOO_LONG = ("truncate", "refuse")
 STAGES = ("sft", "opd")
 KL_MODES = ("full", "topk", "sampled")
+COMPUTE_DTYPES = ("auto", "float32", "weights")
 
 
 @dataclass
@@ -36,6 +37,7 @@ class TrainConfig:
     conf_loss_weight: float = 1.0
     ce_chunk_size: int = 256
     grad_checkpoint: bool = False
+    compute_dtype: str = "auto"
     steps_per_report: int = 10
     val_every: int = 200
     val_batches: int = 25
@@ -106,6 +108,8 @@ class TrainConfig:
             raise PipoError("--warmup and --grad-clip must be >= 0; --val-batches >= 1 or -1 (all)")
         if self.resume and self.force:
             raise PipoError("--resume continues a run and --force discards it; pass only one")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise PipoError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}")
         if self.stage not in STAGES or self.kl not in KL_MODES:
             raise PipoError(
                 f"--stage must be one of {', '.join(STAGES)} and --kl one of {', '.join(KL_MODES)}"

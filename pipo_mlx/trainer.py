@@ -96,7 +96,8 @@ def train(cfg: TrainConfig) -> PipoModel:
     print(
         f"[INFO] {cfg.stage}: {stage.describe()}; trainable "
         f"{n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters "
-        f"({'LoRA r=%d + heads' % cfg.lora_rank if cfg.lora else 'heads only'})",
+        f"({'LoRA r=%d + heads' % cfg.lora_rank if cfg.lora else 'heads only'}), computing in "
+        f"{str(model.compute_dtype or model.model.embed_tokens.weight.dtype).split('.')[-1]}",
         flush=True,
     )
     if step:
@@ -115,7 +116,7 @@ def train(cfg: TrainConfig) -> PipoModel:
             print(f"[val] step {at}: {meter.line(weights)}", flush=True)
 
     model.train()
-    meter, tokens, elapsed = stage.meter(), 0, 0.0
+    meter, tokens, elapsed, window = stage.meter(), 0, 0.0, 0
     with (
         backbones.of(model).fast_training(model),
         grad_checkpointing(model, cfg.grad_checkpoint),
@@ -144,6 +145,7 @@ def train(cfg: TrainConfig) -> PipoModel:
             dt = time.perf_counter() - tic
             elapsed += dt
             total_elapsed += dt
+            window += 1
 
             if step % cfg.steps_per_report == 0 or step == cfg.iters:
                 eta = total_elapsed / (step - start) * (cfg.iters - step)
@@ -151,11 +153,12 @@ def train(cfg: TrainConfig) -> PipoModel:
                 lr = optimizer.learning_rate.item()
                 print(
                     f"[train] step {step}/{cfg.iters} | {meter.line(weights)} | lr {lr:.2e} | "
-                    f"{tokens / elapsed:.0f} tok/s | peak {mx.get_peak_memory() / 1e9:.2f} GB | "
+                    f"{tokens / elapsed:.0f} tok/s, {elapsed / window:.2f} s/step | "
+                    f"peak {mx.get_peak_memory() / 1e9:.2f} GB | "
                     f"ETA {timedelta(seconds=int(eta))}",
                     flush=True,
                 )
-                meter, tokens, elapsed = stage.meter(), 0, 0.0
+                meter, tokens, elapsed, window = stage.meter(), 0, 0.0, 0
             if step % cfg.val_every == 0 or step == cfg.iters:
                 validate(step)
             if step % cfg.save_every == 0 or step == cfg.iters or stop_requested():

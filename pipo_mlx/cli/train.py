@@ -10,7 +10,7 @@ from typing import List, Optional
 
 from ..errors import PipoError
 from ..hf_io import read_json
-from ..train_config import KL_MODES, OPTIMIZERS, STAGES, TrainConfig
+from ..train_config import COMPUTE_DTYPES, KL_MODES, OPTIMIZERS, STAGES, TrainConfig
 from ..train_state import RUN_FILE
 from ..trainer import train
 from . import run_cli
@@ -197,6 +197,15 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--grad-checkpoint",
         action="store_true",
         help="recompute layer activations in the backward pass to save memory",
+    )
+    g.add_argument(
+        "--compute-dtype",
+        choices=COMPUTE_DTYPES,
+        default=D.compute_dtype,
+        help="what the training forward and backward compute in. weights: the model's "
+        "own dtype; float32: float32 over the stored weights, which stay as they are "
+        "in memory; auto (default): float32 on the CPU when the weights are half "
+        "precision (MLX's CPU has no fast bfloat16 matmul), else the weights' dtype",
     )
     g.add_argument(
         "--ce-chunk-size",
