@@ -290,10 +290,12 @@ def decode_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         del model
     settle()
     model, tokenizer = load(spec["bf16"], lazy=True)
-    cast(model, mx.float32)
-    for layer in model.layers:  # one layer at a time: bf16 and float32 never both whole
-        mx.eval(layer.parameters())
+    if mx.default_device().type == mx.cpu:
+        cast(model, mx.float32)
+        for layer in model.layers:  # one layer at a time: bf16 and float32 never both whole
+            mx.eval(layer.parameters())
     mx.eval(model.parameters())
+    out["dtype"] = str(model.model.embed_tokens.weight.dtype).split(".")[-1]
     bench = Bench.of(model, tokenizer)
     w = weights(model)
     vocab = model.args.vocab_size
@@ -350,7 +352,8 @@ def trainer_figures(log_text: str, tokens: int) -> Dict[str, Any]:
 
 
 def train_run(label: str, cmd: List[str], work: Path, tokens: int) -> Dict[str, Any]:
-    run = measure(cmd, work / f"{label}.log")
+    slug = re.sub(r"[^\w.]+", "-", label)
+    run = measure(cmd, work / f"train-{slug}.log")
     figures = trainer_figures(run["log"], tokens)
     row = {"run": label, "wall_s": run["wall_s"], "peak_rss_gb": run["peak_rss_gb"], **figures}
     log(f"  {label}: {row['s_per_step']:.1f} s/step, peak RSS {row['peak_rss_gb']:.2f} GB")

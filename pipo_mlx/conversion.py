@@ -270,6 +270,11 @@ def convert(
     if quantize:
         model, out_config = quantize_model(model, out_config, q_group_size, q_bits)
 
+    # One tensor at a time, largest first: each one's sources (read lazily, merged,
+    # cast or quantized) are freed before the next is read, so the peak stays near
+    # the size of the output whatever order MLX would evaluate a whole shard in.
+    for _, value in sorted(tree_flatten(model.parameters()), key=lambda kv: -kv[1].nbytes):
+        mx.eval(value)
     save_folder(
         dst, model, out_config, tokenizer, tokenizer_dir / "generation_config.json", donate=True
     )

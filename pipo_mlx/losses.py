@@ -5,9 +5,17 @@ head's *input* is all the backward pass needs: `chunked_cross_entropy` computes
 losses and those input gradients a chunk of tokens at a time, eagerly, and
 `with_grad` hands the gradient to autodiff through a zero-valued surrogate term
 (docs/design.md §6).
+
+A step is two passes. The evaluation pass (`sft_pass`) runs outside autodiff:
+it evaluates the states, the losses and their gradients at the head's input.
+The differentiated pass (`sft_terms`) rebuilds the same states lazily and
+returns terms whose gradients are those, with nothing evaluated inside it: MLX
+keeps the whole graph of any array evaluated inside a function being
+differentiated, every layer's activations and upcast weights included, which
+would defeat --grad-checkpoint (docs/design.md §6).
 """
 
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -92,22 +100,33 @@ def with_grad(value: float, x: mx.array, grad: mx.array) -> mx.array:
     return value + ((x - mx.stop_gradient(x)) * grad).sum()
 
 
-def predicting_states(model: PipoModel, ids: mx.array) -> Tuple[mx.array, mx.array]:
-    """The teacher-forced states that predict each pair's slots, evaluated: backbone
+def states(model: PipoModel, ids: mx.array) -> Tuple[mx.array, mx.array]:
+    """The teacher-forced states that predict each pair's slots, lazily: backbone
     states h[:, :-1] for the token1 slots, MTP states m for the token2 slots."""
     # The heads may be float32 master weights (setup_trainable); the backbone
     # computes in its weights' dtype unless training asked for another.
     x = model.compress(ids).astype(model.compute_dtype or model.model.embed_tokens.weight.dtype)
     h = model.model(None, input_embeddings=x)[:, :-1]
-    m = model.draft(ids[:, 2::2], h)
+    return h, model.draft(ids[:, 2::2], h)
+
+
+def predicting_states(model: PipoModel, ids: mx.array) -> Tuple[mx.array, mx.array]:
+    """`states`, evaluated (for the evaluation passes, outside autodiff)."""
+    h, m = states(model, ids)
     mx.eval(h, m)
     return h, m
 
 
-def pipo_losses(
+def confidence_bce(z: mx.array, target: mx.array, valid: Any, count: int) -> mx.array:
+    """softplus(z) - target * z, summed over `valid` slots (a mask, or 1.0: all) / count."""
+    return ((mx.logaddexp(0.0, z) - target * z) * valid).sum() / max(count, 1)
+
+
+def sft_pass(
     model: PipoModel, ids: mx.array, labels: mx.array, chunk_size: int
-) -> Tuple[Dict[str, mx.array], Dict[str, float]]:
-    """The three PIPO losses for one batch, and sums for the reports.
+) -> Tuple[Dict[str, Any], Dict[str, float]]:
+    """The evaluation pass of the three PIPO losses for one batch: what `sft_terms`
+    needs, and sums for the reports.
 
     lm:   CE of LM-head(h[:, :-1]) against labels[:, 2::2] (token1)
     mtp:  CE of LM-head(m) against labels[:, 3::2] (token2), m = MTP(embed(ids[:, 2::2]), h[:, :-1])
@@ -118,11 +137,12 @@ def pipo_losses(
     lm, g_h, _, hit1, n1 = chunked_cross_entropy(model.lm_logits, h, labels[:, 2::2], chunk_size)
     mtp, g_m, ce2, hit2, n2 = chunked_cross_entropy(model.lm_logits, m, labels[:, 3::2], chunk_size)
 
-    z = model.confidence(mx.stop_gradient(h), mx.stop_gradient(m))
     valid = np.array(labels[:, 3::2]) != IGNORE
     target = np.where(valid, np.exp(-ce2), 0.0).astype(np.float32)  # p_mtp(true token2)
-    bce = (mx.logaddexp(0.0, z) - mx.array(target) * z) * mx.array(valid)
-    conf = bce.sum() / max(n2, 1)
+    prepared = {"lm": (lm, g_h), "mtp": (mtp, g_m), "target": mx.array(target),
+                "valid": mx.array(valid), "n2": n2}
+    z = model.confidence(h, m)
+    conf = confidence_bce(z, prepared["target"], prepared["valid"], n2)
 
     p = np.array(mx.sigmoid(z.astype(mx.float32)))[valid]
     stats = {
@@ -140,7 +160,28 @@ def pipo_losses(
         kept = p >= tau
         stats[f"keep{tau}"] = float(kept.sum())
         stats[f"kepthit{tau}"] = float((kept & hit2[valid]).sum())
-    return {"lm": with_grad(lm, h, g_h), "mtp": with_grad(mtp, m, g_m), "conf": conf}, stats
+    return prepared, stats
+
+
+def sft_terms(model: PipoModel, ids: mx.array, prepared: Dict[str, Any]) -> Dict[str, mx.array]:
+    """The differentiated pass: the three losses of `sft_pass` as lazy terms."""
+    h, m = states(model, ids)
+    (lm, g_h), (mtp, g_m) = prepared["lm"], prepared["mtp"]
+    z = model.confidence(mx.stop_gradient(h), mx.stop_gradient(m))
+    return {
+        "lm": with_grad(lm, h, g_h),
+        "mtp": with_grad(mtp, m, g_m),
+        "conf": confidence_bce(z, prepared["target"], prepared["valid"], prepared["n2"]),
+    }
+
+
+def pipo_losses(
+    model: PipoModel, ids: mx.array, labels: mx.array, chunk_size: int
+) -> Tuple[Dict[str, mx.array], Dict[str, float]]:
+    """Both passes at once (`sft_pass` documents the losses): the terms to
+    differentiate, and sums for the reports."""
+    prepared, stats = sft_pass(model, ids, labels, chunk_size)
+    return sft_terms(model, ids, prepared), stats
 
 
 class Sums:

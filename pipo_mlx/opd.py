@@ -15,7 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .decode import generate_step
-from .losses import Sums, chunked_rows, predicting_states, with_grad
+from .losses import Sums, chunked_rows, confidence_bce, predicting_states, states, with_grad
 from .model import PipoModel
 from .prompt_cache import make_prompt_cache
 
@@ -179,7 +179,7 @@ def reverse_kl(
     return kl, kl, accept
 
 
-def opd_losses(
+def opd_pass(
     model: PipoModel,
     batch: Rollouts,
     token1: Slots,
@@ -187,8 +187,9 @@ def opd_losses(
     mode: str,
     k: int,
     chunk_size: int,
-) -> Tuple[Dict[str, mx.array], Dict[str, float]]:
-    """The three OPD losses for one batch of rollouts, and sums for the reports.
+) -> Tuple[Dict[str, Any], Dict[str, float]]:
+    """The evaluation pass of the three OPD losses for one batch of rollouts: what
+    `opd_terms` needs, and sums for the reports (docs/design.md §6: why two passes).
 
     kl1:  reverse KL of the backbone's token1 distribution, token1 slots
     kl2:  reverse KL of the MTP's token2 distribution, token2 slots
@@ -207,36 +208,68 @@ def opd_losses(
 
         return loss
 
-    terms, outputs = {}, {}
-    for name, states, slot, count in (("kl1", h, token1, n1), ("kl2", m, token2, n2)):
+    prepared: Dict[str, Any] = {}
+    outputs = {}
+    for name, x, slot, count in (("kl1", h, token1, n1), ("kl2", m, token2, n2)):
         if count == 0:  # e.g. every rollout ended on an EOS token1: no token2 slot
-            terms[name] = mx.array(0.0)
             outputs[name] = (np.zeros(0, np.float32), np.zeros(0, np.float32))
             continue
-        x_slots = states[mx.array(slot.rows), mx.array(slot.pairs)]
+        x_slots = x[mx.array(slot.rows), mx.array(slot.pairs)]
         extras = (slot.teacher, slot.tokens, slot.tokens == pad)
         grad, (kl, alpha) = chunked_rows(
             model.lm_logits, x_slots, slot_loss(count), extras, chunk_size
         )
-        terms[name] = with_grad(float(kl.sum() / max(count, 1)), x_slots, mx.array(grad))
+        prepared[name] = (float(kl.sum() / max(count, 1)), mx.array(grad))
         outputs[name] = (kl, alpha)
 
-    z = model.confidence(mx.stop_gradient(h), mx.stop_gradient(m))
-    z = z[mx.array(token2.rows), mx.array(token2.pairs)]
-    alpha = outputs["kl2"][1]
-    terms["conf"] = (mx.logaddexp(0.0, z) - mx.array(alpha) * z).sum() / max(n2, 1)
+    alpha = mx.array(outputs["kl2"][1])
+    prepared["alpha"] = alpha
+    z = model.confidence(h, m)[mx.array(token2.rows), mx.array(token2.pairs)]
     stats = {
         "n1": n1,
         "kl1": float(outputs["kl1"][0].sum()),
         "n2": n2,
         "kl2": float(outputs["kl2"][0].sum()),
-        "conf": terms["conf"].item() * n2,
+        "conf": confidence_bce(z, alpha, 1.0, n2).item() * n2,
         "alpha": float(alpha.sum()),
         "pred": float(mx.sigmoid(z).sum()),
         "steps": batch.steps,
         "kept": batch.kept,
     }
-    return terms, stats
+    return prepared, stats
+
+
+def opd_terms(
+    model: PipoModel, batch: Rollouts, token1: Slots, token2: Slots, prepared: Dict[str, Any]
+) -> Dict[str, mx.array]:
+    """The differentiated pass: the three losses of `opd_pass` as lazy terms."""
+    h, m = states(model, mx.array(batch.ids))
+    terms = {}
+    for name, x, slot in (("kl1", h, token1), ("kl2", m, token2)):
+        if name not in prepared:
+            terms[name] = mx.array(0.0)
+            continue
+        value, grad = prepared[name]
+        terms[name] = with_grad(value, x[mx.array(slot.rows), mx.array(slot.pairs)], grad)
+    z = model.confidence(mx.stop_gradient(h), mx.stop_gradient(m))
+    z = z[mx.array(token2.rows), mx.array(token2.pairs)]
+    terms["conf"] = confidence_bce(z, prepared["alpha"], 1.0, len(token2.tokens))
+    return terms
+
+
+def opd_losses(
+    model: PipoModel,
+    batch: Rollouts,
+    token1: Slots,
+    token2: Slots,
+    mode: str,
+    k: int,
+    chunk_size: int,
+) -> Tuple[Dict[str, mx.array], Dict[str, float]]:
+    """Both passes at once (`opd_pass` documents the losses): the terms to
+    differentiate, and sums for the reports."""
+    prepared, stats = opd_pass(model, batch, token1, token2, mode, k, chunk_size)
+    return opd_terms(model, batch, token1, token2, prepared), stats
 
 
 class OPDMeter(Sums):

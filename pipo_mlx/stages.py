@@ -6,7 +6,7 @@ so a resumed run repeats exactly what an uninterrupted one would have done.
 """
 
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,9 +15,9 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .data import batch_indices, load_data, seed_of, train_batch, valid_batches, valid_chunks
 from .errors import PipoError
-from .losses import Meter, pipo_losses
+from .losses import Meter, sft_pass, sft_terms
 from .model import PipoModel
-from .opd import OPDMeter, Rollouts, Slots, opd_losses, rollout, slots
+from .opd import OPDMeter, Rollouts, Slots, opd_pass, opd_terms, rollout, slots
 from .rollouts import Prompt, read_prompts, teacher_rollouts
 from .train_config import TrainConfig
 
@@ -79,11 +79,14 @@ class SupervisedStage:
     def valid(self) -> Iterator[Tuple[mx.array, mx.array, int]]:
         return valid_batches(self.valid_set, self.cfg, self.model.pad_token_id)
 
-    def loss(self, batch: Tuple[mx.array, mx.array, int]):
+    def evaluate(self, batch: Tuple[mx.array, mx.array, int]) -> Tuple[Any, Dict[str, float]]:
         ids, labels, _ = batch
-        terms, stats = pipo_losses(self.model, ids, labels, self.cfg.ce_chunk_size)
-        w = self.weights
-        return terms["lm"] + w[0] * terms["mtp"] + w[1] * terms["conf"], stats
+        prepared, stats = sft_pass(self.model, ids, labels, self.cfg.ce_chunk_size)
+        return (ids, prepared), stats
+
+    def loss(self, prepared: Any) -> mx.array:
+        terms, w = sft_terms(self.model, *prepared), self.weights
+        return terms["lm"] + w[0] * terms["mtp"] + w[1] * terms["conf"]
 
     @staticmethod
     def tokens(batch: Tuple[mx.array, mx.array, int]) -> int:
@@ -148,10 +151,14 @@ class DistillationStage:
         for b, chunk in enumerate(valid_chunks(self.valid_set, self.cfg)):
             yield self._rollouts(chunk, seed_of(self.cfg.seed, 3, b))
 
-    def loss(self, batch: OPDBatch):
-        cfg, w = self.cfg, self.weights
-        terms, stats = opd_losses(self.model, *batch, cfg.kl, cfg.kl_topk, cfg.ce_chunk_size)
-        return terms["kl1"] + w[0] * terms["kl2"] + w[1] * terms["conf"], stats
+    def evaluate(self, batch: OPDBatch) -> Tuple[Any, Dict[str, float]]:
+        cfg = self.cfg
+        prepared, stats = opd_pass(self.model, *batch, cfg.kl, cfg.kl_topk, cfg.ce_chunk_size)
+        return (*batch, prepared), stats
+
+    def loss(self, prepared: Any) -> mx.array:
+        terms, w = opd_terms(self.model, *prepared), self.weights
+        return terms["kl1"] + w[0] * terms["kl2"] + w[1] * terms["conf"]
 
     @staticmethod
     def tokens(batch: OPDBatch) -> int:

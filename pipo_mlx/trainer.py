@@ -110,7 +110,7 @@ def train(cfg: TrainConfig) -> PipoModel:
         meter = stage.meter()
         model.eval()
         for batch in stage.valid():
-            meter.add(stage.loss(batch)[1])
+            meter.add(stage.evaluate(batch)[1])
         model.train()
         if meter.sums:
             print(f"[val] step {at}: {meter.line(weights)}", flush=True)
@@ -130,7 +130,10 @@ def train(cfg: TrainConfig) -> PipoModel:
             grads = None
             for j in range(cfg.grad_accumulation):
                 batch = stage.batch(step * cfg.grad_accumulation + j)
-                (_, stats), g = loss_and_grad(batch)
+                # Values and head-input gradients first, outside autodiff; then one
+                # lazy forward and backward (losses.py says why).
+                prepared, stats = stage.evaluate(batch)
+                _, g = loss_and_grad(prepared)
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 mx.eval(grads)
                 meter.add(stats)
