@@ -1,6 +1,6 @@
 """The Qwen3.5-4B path at its true geometry, from random weights: what a user runs.
 
-    python benchmarks/real_size.py             # about 60 minutes on 2 CPU cores, 24 GB
+    python benchmarks/real_size.py             # 35 minutes on 2 CPU cores, 24 GB, 40 GB of disk
     python benchmarks/real_size.py --tiny      # every stage at a toy geometry: the CI run
 
 Nothing can be downloaded here, so the script writes a checkpoint with exactly
@@ -26,7 +26,8 @@ and walks the user's path with them:
 4. train: train_heads.py at V = 248,320 on the full 32 layers at 2048 tokens
    (--grad-checkpoint), and on a 4-layer copy at 512 tokens beside
    `mlx_lm.lora` (rank 64 on the same seven projections) in the same run, in
-   float32 on both sides; then OPD on the 4-layer copy with its base as teacher.
+   float32 on both sides, and with bfloat16 weights; then OPD on the 4-layer
+   copy with its base as teacher.
 
 Each measured command runs as its own process, and its peak resident memory
 is the kernel's count for that process. Stages are resumable: results go to
@@ -459,6 +460,36 @@ def stage_train(a: argparse.Namespace, work: Path) -> Dict[str, Any]:
             "rows": rows}
 
 
+def summary(state: Dict[str, Any]) -> str:
+    """The results as the README's tables."""
+    lines = ["| conversion | wall | peak RSS | written | peak / written |", "|---|---:|---:|---:|---:|"]
+    for name, c in state.get("convert", {}).items():
+        if isinstance(c, dict):
+            lines.append(f"| base + adapter -> {name} | {c['wall_s']:.0f} s | {c['peak_rss_gb']:.2f} GB | "
+                         f"{c['written_gb']:.2f} GB | {c['peak_to_written']:.2f}x |")
+    d = state.get("decode")
+    if d:
+        lines += ["", f"load: bf16 {d['load_bf16_s']:.1f} s, 4-bit {d['load_4bit_s']:.1f} s; "
+                      f"speed in {d.get('dtype', 'float32')}, bound {d['bound_keep_all']:.2f}x", "",
+                  "| measure | mlx-lm | PIPO | ratio |", "|---|---:|---:|---:|"]
+        for t in d["ttft"]:
+            lines.append(f"| time to first token, {t['prompt_tokens']}-token prompt | {t['mlx_lm_s']:.1f} s "
+                         f"| {t['pipo_s']:.1f} s | {t['speedup']:.2f}x |")
+        for row in d["decode"]:
+            if row["threshold"] is not None:
+                lines.append(f"| decode, {row['variant']} ({row['tokens_per_step']:.1f} tok/step) | "
+                             f"{row['baseline_ms_per_token']:.0f} ms/token | {row['ms_per_token']:.0f} ms/token "
+                             f"| {row['speedup']:.2f}x |")
+    t = state.get("train")
+    if t:
+        lines += ["", "| training run | s/step | tokens/s | peak RSS | MLX peak |", "|---|---:|---:|---:|---:|"]
+        for row in t["rows"]:
+            mlx_peak = f"{row['mlx_peak_gb']:.2f} GB" if row["mlx_peak_gb"] else "-"
+            lines.append(f"| {row['run']} | {row['s_per_step']:.1f} | {row['tokens_per_s']:.0f} | "
+                         f"{row['peak_rss_gb']:.2f} GB | {mlx_peak} |")
+    return "\n".join(lines)
+
+
 STAGES = {"fixture": stage_fixture, "convert": stage_convert, "decode": stage_decode,
           "train": stage_train}
 
@@ -506,6 +537,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         state[name]["stage_s"] = time.perf_counter() - tic
         state_path.write_text(json.dumps(state, indent=2))
     state["machine"]["load_average_end"] = os.getloadavg()
+    print(summary(state), flush=True)
     if all(name in state for name in STAGES):
         a.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = a.out.with_name(f".{a.out.name}.tmp")
