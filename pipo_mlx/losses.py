@@ -175,15 +175,6 @@ def sft_terms(model: PipoModel, ids: mx.array, prepared: Dict[str, Any]) -> Dict
     }
 
 
-def pipo_losses(
-    model: PipoModel, ids: mx.array, labels: mx.array, chunk_size: int
-) -> Tuple[Dict[str, mx.array], Dict[str, float]]:
-    """Both passes at once (`sft_pass` documents the losses): the terms to
-    differentiate, and sums for the reports."""
-    prepared, stats = sft_pass(model, ids, labels, chunk_size)
-    return sft_terms(model, ids, prepared), stats
-
-
 class Sums:
     """Per-batch stats summed over batches; subclasses report them as means."""
 
@@ -196,7 +187,7 @@ class Sums:
 
 
 class Meter(Sums):
-    """pipo_losses stats over batches, reported as means."""
+    """sft_pass stats over batches, reported as means."""
 
     def means(self) -> Dict[str, float]:
         s = self.sums

@@ -257,23 +257,8 @@ def opd_terms(
     return terms
 
 
-def opd_losses(
-    model: PipoModel,
-    batch: Rollouts,
-    token1: Slots,
-    token2: Slots,
-    mode: str,
-    k: int,
-    chunk_size: int,
-) -> Tuple[Dict[str, mx.array], Dict[str, float]]:
-    """Both passes at once (`opd_pass` documents the losses): the terms to
-    differentiate, and sums for the reports."""
-    prepared, stats = opd_pass(model, batch, token1, token2, mode, k, chunk_size)
-    return opd_terms(model, batch, token1, token2, prepared), stats
-
-
 class OPDMeter(Sums):
-    """opd_losses stats over batches, reported as means."""
+    """opd_pass stats over batches, reported as means."""
 
     def means(self) -> Dict[str, float]:
         s = self.sums

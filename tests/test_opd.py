@@ -21,7 +21,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from pipo_mlx import load
-from pipo_mlx.opd import Rollouts, Slots, last_real, opd_losses, reverse_kl, slots, teacher_logprobs
+from pipo_mlx.opd import (
+    Rollouts, Slots, last_real, opd_pass, opd_terms, reverse_kl, slots, teacher_logprobs,
+)
 
 PAD, EOS = 0, 1
 MODES = ("full", "topk", "sampled")
@@ -378,6 +380,12 @@ def test_slots_match_the_rule():
 # -- 5. opd_losses on a tiny PIPO model --------------------------------------
 
 
+def opd_losses(model, batch, t1, t2, mode, k, chunk_size):
+    """The trainer's two passes as one call: the terms and the report sums."""
+    prepared, stats = opd_pass(model, batch, t1, t2, mode, k, chunk_size)
+    return opd_terms(model, batch, t1, t2, prepared), stats
+
+
 class TinyTeacher(nn.Module):
     """A causal LM in miniature: embedding, a running mean of the prefix, linear head."""
 
@@ -518,8 +526,11 @@ def test_chunked_opd_gradients_equal_whole_logits_gradients(opd_setup, mode):
             alpha = ref_reverse_kl(l, w["teacher"], w["tokens"], fill, mode, k)[1]
             w["alpha"] = alpha.astype(np.float32)
 
+        # As the trainer does: the evaluation pass outside autodiff, then the terms.
+        prepared, _ = opd_pass(model, batch, to_slots(w1), to_slots(w2), mode, k, chunk_size=3)
+
         def chunked(ids):
-            t, _ = opd_losses(model, batch, to_slots(w1), to_slots(w2), mode, k, chunk_size=3)
+            t = opd_terms(model, batch, to_slots(w1), to_slots(w2), prepared)
             return t["kl1"] + weights[0] * t["kl2"] + weights[1] * t["conf"]
 
         v1, g1 = nn.value_and_grad(model, chunked)(ids)

@@ -30,7 +30,7 @@ from pipo_mlx.data import (
     pair_layout,
     train_batch,
 )
-from pipo_mlx.losses import chunked_cross_entropy, pipo_losses, with_grad
+from pipo_mlx.losses import chunked_cross_entropy, sft_pass, sft_terms, with_grad
 from pipo_mlx.train_config import TrainConfig
 from pipo_mlx.train_state import restore_checkpoint
 
@@ -254,7 +254,8 @@ def test_losses_equal_an_independent_computation(hf_pipo, mlx_pipo):
     z = out["confidence"][l2 != IGNORE].astype(np.float64)
     want_conf = (np.logaddexp(0, z) - target * z).mean()
 
-    terms, stats = pipo_losses(model, mx.array(ids), mx.array(labels), chunk_size=3)
+    prepared, stats = sft_pass(model, mx.array(ids), mx.array(labels), chunk_size=3)
+    terms = sft_terms(model, mx.array(ids), prepared)
     assert stats["n1"] == (l1 != IGNORE).sum() and stats["n2"] == (l2 != IGNORE).sum()
     assert terms["lm"].item() == pytest.approx(want_lm, rel=1e-4)
     assert terms["mtp"].item() == pytest.approx(want_mtp, rel=1e-4)
@@ -295,8 +296,11 @@ def test_chunked_gradients_equal_whole_logits_gradients(mlx_pipo, tmp_path):
     )
     ids, labels = map(mx.array, _batch(tok))
 
+    # As the trainer does: the evaluation pass outside autodiff, then the terms.
+    prepared, _ = sft_pass(model, ids, labels, chunk_size=5)
+
     def chunked(ids, labels):
-        t, _ = pipo_losses(model, ids, labels, chunk_size=5)
+        t = sft_terms(model, ids, prepared)
         return t["lm"] + 0.5 * t["mtp"] + 2.0 * t["conf"]
 
     v1, g1 = nn.value_and_grad(model, chunked)(ids, labels)
@@ -313,8 +317,9 @@ def test_grad_checkpoint_gives_the_same_gradients(mlx_pipo, tmp_path):
     model, tok = load(str(mlx_pipo))
     setup_trainable(model, config(mlx_pipo, tmp_path, tmp_path))
     ids, labels = map(mx.array, _batch(tok))
-    fn = nn.value_and_grad(model, lambda i, l: sum(pipo_losses(model, i, l, 8)[0].values()))
     model.train()
+    prepared, _ = sft_pass(model, ids, labels, 8)
+    fn = nn.value_and_grad(model, lambda i, l: sum(sft_terms(model, i, prepared).values()))
     v1, g1 = fn(ids, labels)
     original = type(model.layers[0]).__call__
     with grad_checkpointing(model, True):
@@ -360,8 +365,9 @@ def test_cross_entropy_never_holds_the_whole_logits():
 
 def _grads_by_term(model, ids, labels):
     out = {}
+    prepared, _ = sft_pass(model, ids, labels, 8)
     for term in ("lm", "mtp", "conf"):
-        _, g = nn.value_and_grad(model, lambda i, l: pipo_losses(model, i, l, 8)[0][term])(
+        _, g = nn.value_and_grad(model, lambda i, l: sft_terms(model, i, prepared)[term])(
             ids, labels
         )
         out[term] = {k: float(mx.abs(v).max()) for k, v in tree_flatten(g)}
