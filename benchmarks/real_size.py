@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -187,10 +188,10 @@ def write_tokenizer(folder: Path, text: Dict[str, Any]) -> None:
     wrapped.save_pretrained(folder)
 
 
-def adapter_shapes(text: Dict[str, Any], rank: int) -> Dict[str, tuple]:
-    """The authors' adapter: LoRA pairs on the seven projections wherever they
-    exist (Gated-DeltaNet layers have only the MLP's), and the saved modules."""
-    h, shapes = text["hidden_size"], hf_shapes(text)
+def adapter_shapes(text: Dict[str, Any], shapes: Dict[str, tuple], rank: int) -> Dict[str, tuple]:
+    """The authors' adapter on the base's `shapes`: LoRA pairs on the seven projections
+    wherever they exist (Gated-DeltaNet layers have only the MLP's), and the saved modules."""
+    h = text["hidden_size"]
     out: Dict[str, tuple] = {}
     for key, shape in shapes.items():
         parts = key.split(".")
@@ -225,7 +226,7 @@ def write_fixture(folder: Path, geometry: Dict[str, int], layers: int, seed: int
     write_shards(base, shapes, initial)
 
     rank = 64
-    lora = adapter_shapes(text, rank)
+    lora = adapter_shapes(text, shapes, rank)
     tensors = {k: (0.01 * mx.random.normal(s)).astype(mx.bfloat16) for k, s in lora.items()}
     mx.save_safetensors(str(adapter / "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
     modules = ["compressor", "confidence_head", "mtp.fc", "mtp.pre_fc_norm_hidden",
@@ -327,7 +328,7 @@ def write_data(folder: Path, records: int, chars: int, prompts: bool = False) ->
     """Python-like lines of about `chars` byte-level tokens per record."""
     folder.mkdir(parents=True, exist_ok=True)
     words = "def return self for in range if else import print class while yield lambda".split()
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     with open(folder / "train.jsonl", "w") as f:
         for _ in range(records):
             body = ""
@@ -427,7 +428,7 @@ def stage_train(a: argparse.Namespace, work: Path) -> Dict[str, Any]:
     data_full = write_data(work / "data-full", 4, seq_full)
     data_short = write_data(work / "data-short", 4, seq_short)
     prompts = write_data(work / "data-prompts", 4, 24, prompts=True)
-    f32 = {}
+    models = {}
     for name, cmd in (
         ("pipo-short-f32", python("convert.py", "--hf-path", str(short / "base"), "--adapter-path",
                                   str(short / "adapter"), "--dtype", "float32")),
@@ -436,24 +437,24 @@ def stage_train(a: argparse.Namespace, work: Path) -> Dict[str, Any]:
         ("pipo-short-bf16", python("convert.py", "--hf-path", str(short / "base"),
                                    "--adapter-path", str(short / "adapter"))),
     ):
-        f32[name] = work / name
-        if not f32[name].is_dir():
-            shutil.rmtree(f32[name], ignore_errors=True)
-            measure(cmd + ["--mlx-path", str(f32[name])], work / f"convert-{name}.log")
+        models[name] = work / name
+        if not models[name].is_dir():
+            shutil.rmtree(models[name], ignore_errors=True)
+            measure(cmd + ["--mlx-path", str(models[name])], work / f"convert-{name}.log")
     rows = [
         train_run(f"pipo {a.layers}-layer bf16, grad checkpoint", ours(
             work / "pipo-bf16", data_full, work / "adapter-full", seq_full, "--grad-checkpoint"),
             work, seq_full),
-        train_run(f"pipo {a.short_layers}-layer f32", ours(f32["pipo-short-f32"], data_short, work / "adapter-short",
+        train_run(f"pipo {a.short_layers}-layer f32", ours(models["pipo-short-f32"], data_short, work / "adapter-short",
                                          seq_short), work, seq_short),
         train_run(f"mlx_lm.lora {a.short_layers}-layer f32", mlx_lm_lora(
-            f32["mlx-lm-short-f32"], data_short, work / "adapter-mlx-lm", seq_short, work),
+            models["mlx-lm-short-f32"], data_short, work / "adapter-mlx-lm", seq_short, work),
             work, seq_short),
-        train_run(f"pipo {a.short_layers}-layer bf16", ours(f32["pipo-short-bf16"], data_short,
+        train_run(f"pipo {a.short_layers}-layer bf16", ours(models["pipo-short-bf16"], data_short,
                                           work / "adapter-short-bf16", seq_short), work, seq_short),
     ]
     opd = train_run(f"pipo {a.short_layers}-layer bf16 OPD", ours(
-        f32["pipo-short-bf16"], prompts, work / "adapter-opd", max(seq_short, 128), "--stage", "opd",
+        models["pipo-short-bf16"], prompts, work / "adapter-opd", max(seq_short, 128), "--stage", "opd",
         "--teacher", str(short / "base"), "--max-new-tokens", str(a.opd_tokens)), work, seq_short)
     rows.append(opd)
     return {"train_tokens": seq_full, "short_tokens": seq_short, "short_layers": a.short_layers,

@@ -2,7 +2,7 @@
 folding LoRA back in (docs/design.md §6)."""
 
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -54,17 +54,17 @@ def setup_trainable(model: PipoModel, cfg: TrainConfig) -> Dict[str, mx.Dtype]:
     return dtypes
 
 
-def compute_dtype(choice: str, weights: mx.Dtype) -> Optional[mx.Dtype]:
+def compute_dtype(choice: str, weights: mx.Dtype) -> mx.Dtype:
     """float32 where asked, or on the CPU over half-precision weights: MLX's CPU
     multiplies bfloat16 matrices ~30x slower than float32 (docs/design.md §6).
     The frozen weights stay in their dtype; each layer's matmuls read them
     upcast, a copy that lives only while that layer runs when layers are
-    recomputed (--grad-checkpoint). None: compute in the weights' dtype."""
+    recomputed (--grad-checkpoint). Otherwise the weights' own dtype."""
     half = weights in (mx.bfloat16, mx.float16)
     on_cpu = mx.default_device().type == mx.cpu
     if choice == "float32" or (choice == "auto" and half and on_cpu):
         return mx.float32
-    return None
+    return weights
 
 
 def fuse_model(model: PipoModel, dtypes: Dict[str, mx.Dtype]) -> PipoModel:

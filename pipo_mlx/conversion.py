@@ -258,7 +258,7 @@ def convert(
     fresh = _check_weights(model, weights, origin, src)
     model.load_weights(list(weights.items()), strict=False)
     # From here the model holds the only references to the lazily read and merged
-    # tensors, so each is freed once the shard that needs it is written.
+    # tensors, so each source is freed once its output tensor is evaluated below.
     del weights, origin
     if fresh:
         print(f"[INFO] initialised fresh {', '.join(fresh)} (train them with train_heads.py)")
@@ -275,7 +275,5 @@ def convert(
     # the size of the output whatever order MLX would evaluate a whole shard in.
     for _, value in sorted(tree_flatten(model.parameters()), key=lambda kv: -kv[1].nbytes):
         mx.eval(value)
-    save_folder(
-        dst, model, out_config, tokenizer, tokenizer_dir / "generation_config.json", donate=True
-    )
+    save_folder(dst, model, out_config, tokenizer, tokenizer_dir / "generation_config.json")
     return dst

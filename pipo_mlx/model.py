@@ -54,8 +54,8 @@ class PipoModel(nn.Module):
     """Mixed in before a backbone's text model class, which provides `model`
     (with `embed_tokens`), `lm_head` when untied, `layers` and `make_cache`."""
 
-    # What the training forward computes in; None: the weights' own dtype
-    # (set by adapters.setup_trainable, docs/design.md §6).
+    # What the training forward computes in; None (a model not set up for
+    # training): the weights' own dtype (adapters.setup_trainable, docs/design.md §6).
     compute_dtype: Optional[mx.Dtype] = None
 
     def __init__(self, args: PipoArgs):

@@ -77,21 +77,18 @@ def save_folder(
     config: dict,
     tokenizer: TokenizerWrapper,
     generation_config: Optional[Path] = None,
-    donate: bool = False,
 ) -> None:
     """Write weights, config and tokenizer to `dst` atomically.
 
     Everything goes to a hidden sibling first and is renamed into place at the
     end, so an interrupted write never leaves a half-written model behind.
-    With `donate`, `model` gives up its weights as they are written, so a lazily
-    built model (a conversion) never exists whole in memory; it is empty after.
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_model(tmp, model, donate_model=donate)
+        save_model(tmp, model)
         save_config(dict(config), tmp / "config.json")
         tokenizer.save_pretrained(str(tmp))
         if generation_config is not None and generation_config.is_file():

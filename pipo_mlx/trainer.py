@@ -97,7 +97,7 @@ def train(cfg: TrainConfig) -> PipoModel:
         f"[INFO] {cfg.stage}: {stage.describe()}; trainable "
         f"{n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters "
         f"({'LoRA r=%d + heads' % cfg.lora_rank if cfg.lora else 'heads only'}), computing in "
-        f"{str(model.compute_dtype or model.model.embed_tokens.weight.dtype).split('.')[-1]}",
+        f"{str(model.compute_dtype).split('.')[-1]}",
         flush=True,
     )
     if step:

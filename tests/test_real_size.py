@@ -91,8 +91,8 @@ def test_fixture_has_the_hub_layout_and_peft_adapter_keys(tmp_path):
 def test_conversion_holds_no_whole_copy_besides_its_output(tmp_path, quantize):
     """MLX's peak while converting base + adapter stays within 1.5x of what it writes.
     At the real geometry a merged model kept whole while its 4-bit copy was written
-    peaked at 4.8x; the fix (the model gives up each shard's tensors as they are
-    written) must hold at any size."""
+    peaked at 4.8x; the fix (the model holds the only references to the sources,
+    and tensors are evaluated one at a time) must hold at any size."""
     bench = load_script("real_size")
     geometry = dict(bench.TINY, hidden_size=256, intermediate_size=1024, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=64, linear_key_head_dim=64,
