@@ -1,10 +1,12 @@
-"""On-policy distillation, the second training stage (docs/design.md §7).
+"""Distillation toward a teacher: on-policy, the second training stage, and
+teacher-forced, soft targets for the first (docs/design.md §7).
 
-The student (the PIPO model being trained) writes its own completions with the
-real decoder, gate on; a frozen teacher scores them; the student's token1 and
-token2 distributions are pulled onto the teacher's by reverse KL, and the
-confidence head learns the probability that a teacher-run verifier would accept
-each drafted token2.
+On-policy, the student (the PIPO model being trained) writes its own completions
+with the real decoder, gate on; a frozen teacher scores them; the student's
+token1 and token2 distributions are pulled onto the teacher's by reverse KL, and
+the confidence head learns the probability that a teacher-run verifier would
+accept each drafted token2. Teacher-forced, the same losses run over the
+supervised stage's batches (the teacher's own answers) instead.
 """
 
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .data import IGNORE
 from .decode import generate_step
 from .losses import Sums, chunked_rows, confidence_bce, predicting_states, states, with_grad
 from .model import PipoModel
@@ -69,26 +72,58 @@ def rollout(
     return Rollouts(ids, lengths, np.array(starts), steps, kept)
 
 
+def teacher_forced(ids: np.ndarray, labels: np.ndarray) -> Rollouts:
+    """A supervised batch (pair layout, PAD augmentation included) seen as rollouts:
+    each row's completion starts at its first label and ends after its last."""
+    has = labels != IGNORE
+    starts = np.maximum(has.argmax(axis=1), 2)  # the first pair predicts nothing
+    lengths = ids.shape[1] - has[:, ::-1].argmax(axis=1)
+    return Rollouts(ids, lengths, starts, steps=0, kept=0)
+
+
 def last_real(ids: np.ndarray, pad: int) -> np.ndarray:
     """For each position p, the index in the PAD-free sequence of the last real
     token at or before p (-1 before the first)."""
     return np.cumsum(ids != pad) - 1
 
 
-def teacher_logprobs(
-    teacher: nn.Module, ids: np.ndarray, length: int, positions: np.ndarray, pad: int
-) -> np.ndarray:
-    """The teacher's log-probabilities for the token at each of `positions` of one row.
+# Rows the teacher scores in one call share a [rows, tokens, V] float32 logits
+# array; this bounds it (about 1 GB). A row too long for it alone goes alone.
+TEACHER_LOGITS_BUDGET = 1 << 28
 
-    The teacher reads the row without its PADs (it never saw a mid-sequence PAD);
+
+def teacher_logprobs(
+    teacher: nn.Module,
+    ids: np.ndarray,
+    lengths: Sequence[int],
+    positions: Sequence[np.ndarray],
+    pad: int,
+) -> List[np.ndarray]:
+    """The teacher's log-probabilities for the token at each of `positions[b]` of row b.
+
+    The teacher reads each row without its PADs (it never saw a mid-sequence PAD);
     the prediction for position p comes from the last real token before p, so a
     PAD slot gets the teacher's prediction after the real token preceding it.
+    Rows go through the teacher several at a time, the shorter ones filled after
+    their end by repeating their last token: a causal model's outputs before the
+    end never see the filling.
     """
-    row = ids[:length]
-    real = row[row != pad]
-    logits = teacher(mx.array(real)[None])[0].astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return np.array(logprobs[mx.array(last_real(row, pad)[positions - 1])])
+    reals = [row[:n][row[:n] != pad] for row, n in zip(ids, lengths)]
+    longest = max(len(r) for r in reals)
+    out: List[np.ndarray] = []
+    b, rows_per_call = 0, 1  # one row until the vocabulary size is known
+    while b < len(reals):
+        group = reals[b : b + rows_per_call]
+        width = max(len(r) for r in group)
+        filled = [np.concatenate([r, np.full(width - len(r), r[-1], r.dtype)]) for r in group]
+        logits = teacher(mx.array(np.stack(filled))).astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        for g in range(len(group)):
+            row = ids[b + g][: lengths[b + g]]
+            out.append(np.array(logprobs[g][mx.array(last_real(row, pad)[positions[b + g] - 1])]))
+        b += len(group)
+        rows_per_call = max(1, TEACHER_LOGITS_BUDGET // (logits.shape[-1] * longest))
+    return out
 
 
 @dataclass
@@ -110,13 +145,14 @@ def slots(
     dropped draft, and nothing follows it to predict.
     """
     kinds: Tuple[Dict[str, list], Dict[str, list]] = ({}, {})
+    predicted = []
     for b in range(len(batch.ids)):
-        row, n, start = batch.ids[b], int(batch.lengths[b]), int(batch.starts[b])
-        positions = np.arange(start, n)
-        second = positions % 2 == 1
-        after_eos = np.isin(row[positions - 1], list(eos_token_ids)) & second
-        positions = positions[~after_eos]
-        lp = teacher_logprobs(teacher, row, n, positions, pad)
+        row, positions = batch.ids[b], np.arange(batch.starts[b], batch.lengths[b])
+        after_eos = np.isin(row[positions - 1], list(eos_token_ids)) & (positions % 2 == 1)
+        predicted.append(positions[~after_eos])
+    views = teacher_logprobs(teacher, batch.ids, batch.lengths, predicted, pad)
+    for b, (positions, lp) in enumerate(zip(predicted, views)):
+        row = batch.ids[b]
         for kind, pick in zip(kinds, (positions % 2 == 0, positions % 2 == 1)):
             p = positions[pick]
             for key, value in (
@@ -140,13 +176,16 @@ def reverse_kl(
     fill: mx.array,
     mode: str,
     k: int = 32,
+    on_policy: bool = True,
 ) -> Tuple[mx.array, mx.array, mx.array]:
     """Per slot: (the term to differentiate, KL(p_s || p_t) or its estimate, α).
 
     `logits` are the student's [N, V] at temperature 1, `teacher` the teacher's
     log-probabilities, `tokens` the rolled-out tokens; where `fill`, the slot held
     a PAD and takes the student's argmax as its token. α, the acceptance
-    probability of speculative sampling, is detached.
+    probability of speculative sampling, is detached. Off policy (the tokens are
+    not the student's samples), topk's α is the expected acceptance over its set,
+    1 - TV of the renormalised distributions, as full's is over the vocabulary.
     """
     student = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     y = mx.stop_gradient(mx.where(fill, mx.argmax(logits, axis=-1), tokens))[:, None]
@@ -176,6 +215,8 @@ def reverse_kl(
     s = mx.where(keep, student - _masked_logsumexp(student, keep), 0.0)
     t = mx.where(keep, teacher - _masked_logsumexp(teacher, keep), 0.0)
     kl = mx.where(keep, mx.exp(s) * (s - t), 0.0).sum(axis=-1)
+    if not on_policy:
+        accept = mx.stop_gradient(mx.where(keep, mx.minimum(mx.exp(s), mx.exp(t)), 0.0).sum(axis=-1))
     return kl, kl, accept
 
 
@@ -187,9 +228,11 @@ def opd_pass(
     mode: str,
     k: int,
     chunk_size: int,
+    on_policy: bool = True,
 ) -> Tuple[Dict[str, Any], Dict[str, float]]:
     """The evaluation pass of the three OPD losses for one batch of rollouts: what
     `opd_terms` needs, and sums for the reports (docs/design.md §6: why two passes).
+    `on_policy` False: the batch is `teacher_forced`, not the student's rollouts.
 
     kl1:  reverse KL of the backbone's token1 distribution, token1 slots
     kl2:  reverse KL of the MTP's token2 distribution, token2 slots
@@ -203,7 +246,7 @@ def opd_pass(
 
     def slot_loss(count: int):
         def loss(logits, teacher, tokens, fill):
-            term, kl, alpha = reverse_kl(logits, teacher, tokens, fill, mode, k)
+            term, kl, alpha = reverse_kl(logits, teacher, tokens, fill, mode, k, on_policy)
             return term.sum() / max(count, 1), (kl, alpha)
 
         return loss
@@ -276,8 +319,10 @@ class OPDMeter(Sums):
     def line(self, weights: Tuple[float, float]) -> str:
         m = self.means()
         total = m["kl1"] + weights[0] * m["kl2"] + weights[1] * m["conf"]
-        return (
+        line = (
             f"loss {total:.3f} (kl tok1 {m['kl1']:.3f}, kl tok2 {m['kl2']:.3f}, "
-            f"conf {m['conf']:.3f}) | α {m['alpha']:.3f} vs conf pred {m['pred']:.3f} | "
-            f"rollouts keep {m['keep']:.2f}, {m['tokens_per_step']:.2f} tok/step"
+            f"conf {m['conf']:.3f}) | α {m['alpha']:.3f} vs conf pred {m['pred']:.3f}"
         )
+        if not self.sums.get("steps"):  # teacher-forced batches: no rollouts to describe
+            return line
+        return f"{line} | rollouts keep {m['keep']:.2f}, {m['tokens_per_step']:.2f} tok/step"

@@ -10,6 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -17,7 +18,7 @@ from .data import batch_indices, load_data, seed_of, train_batch, valid_batches,
 from .errors import PipoError
 from .losses import Meter, sft_pass, sft_terms
 from .model import PipoModel
-from .opd import OPDMeter, Rollouts, Slots, opd_pass, opd_terms, rollout, slots
+from .opd import OPDMeter, Rollouts, Slots, opd_pass, opd_terms, rollout, slots, teacher_forced
 from .rollouts import Prompt, read_prompts, teacher_rollouts
 from .train_config import TrainConfig
 
@@ -100,6 +101,40 @@ class SupervisedStage:
 OPDBatch = Tuple[Rollouts, Slots, Slots]
 
 
+def _distillation_loss(model: PipoModel, weights: Tuple[float, float], prepared: Any) -> mx.array:
+    terms = opd_terms(model, *prepared)
+    return terms["kl1"] + weights[0] * terms["kl2"] + weights[1] * terms["conf"]
+
+
+class SoftTargetStage(SupervisedStage):
+    """Stage 1 with --soft-targets: the teacher's answers as in SupervisedStage, but
+    each slot learns the teacher's whole distribution there, by the distillation
+    losses run teacher-forced (docs/design.md §7)."""
+
+    def __init__(
+        self, cfg: TrainConfig, model: PipoModel, tokenizer: TokenizerWrapper, teacher: Any
+    ):
+        super().__init__(cfg, model, tokenizer, teacher)
+        self.eos = sorted(tokenizer.eos_token_ids)
+
+    def evaluate(self, batch: Tuple[mx.array, mx.array, int]) -> Tuple[Any, Dict[str, float]]:
+        cfg, pad = self.cfg, self.model.pad_token_id
+        forced = teacher_forced(np.array(batch[0]), np.array(batch[1]))
+        token1, token2 = slots(self.teacher, forced, pad, self.eos)
+        prepared, stats = opd_pass(
+            self.model, forced, token1, token2, cfg.kl, cfg.kl_topk, cfg.ce_chunk_size,
+            on_policy=False,
+        )
+        return (forced, token1, token2, prepared), stats
+
+    def loss(self, prepared: Any) -> mx.array:
+        return _distillation_loss(self.model, self.weights, prepared)
+
+    @staticmethod
+    def meter() -> OPDMeter:
+        return OPDMeter()
+
+
 class DistillationStage:
     """Stage 2: the student's own rollouts, scored by the teacher (docs/design.md §7)."""
 
@@ -157,8 +192,7 @@ class DistillationStage:
         return (*batch, prepared), stats
 
     def loss(self, prepared: Any) -> mx.array:
-        terms, w = opd_terms(self.model, *prepared), self.weights
-        return terms["kl1"] + w[0] * terms["kl2"] + w[1] * terms["conf"]
+        return _distillation_loss(self.model, self.weights, prepared)
 
     @staticmethod
     def tokens(batch: OPDBatch) -> int:
@@ -173,5 +207,7 @@ def make_stage(
     cfg: TrainConfig, model: PipoModel, tokenizer: TokenizerWrapper, teacher: Optional[nn.Module]
 ):
     """The stage `cfg` asks for; reads and checks its data, writes nothing."""
-    stage = DistillationStage if cfg.stage == "opd" else SupervisedStage
+    if cfg.stage == "opd":
+        return DistillationStage(cfg, model, tokenizer, teacher)
+    stage = SoftTargetStage if cfg.soft_targets else SupervisedStage
     return stage(cfg, model, tokenizer, teacher)

@@ -48,6 +48,7 @@ class TrainConfig:
     # defaults are the paper's.
     stage: str = "sft"
     teacher: Optional[str] = None
+    soft_targets: bool = False
     kl: str = "topk"
     kl_topk: int = 32
     max_new_tokens: int = 256
@@ -118,6 +119,16 @@ class TrainConfig:
             raise PipoError(
                 "--stage opd distills toward a teacher; pass --teacher with an ordinary "
                 "causal LM folder (e.g. the base model) that shares the tokenizer"
+            )
+        if self.soft_targets and (self.stage != "sft" or not self.teacher):
+            raise PipoError(
+                "--soft-targets is for --stage sft with a --teacher: it learns the teacher's "
+                "distribution over its own answers; pass --teacher, or drop --soft-targets"
+            )
+        if self.soft_targets and self.kl == "sampled":
+            raise PipoError(
+                "--soft-targets learns whole distributions: --kl full or topk (sampled needs "
+                "the student's own samples, --stage opd)"
             )
         if self.kl_topk < 1 or self.max_new_tokens < 1 or not self.temp >= 0:
             raise PipoError("--kl-topk and --max-new-tokens must be at least 1, --temp >= 0")

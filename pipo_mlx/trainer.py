@@ -8,7 +8,7 @@ their loss is: supervised or distillation), `adapters` (what trains),
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
@@ -116,9 +116,14 @@ def train(cfg: TrainConfig) -> PipoModel:
             print(f"[val] step {at}: {meter.line(weights)}", flush=True)
 
     model.train()
+    if teacher is not None:
+        # The fast route is training mode's; a frozen teacher has nothing else that
+        # trains (no dropout), so its scoring takes the route too.
+        teacher.train()
     meter, tokens, elapsed, window = stage.meter(), 0, 0.0, 0
     with (
         backbones.of(model).fast_training(model),
+        backbones.of(model).fast_training(teacher) if teacher is not None else nullcontext(),
         grad_checkpointing(model, cfg.grad_checkpoint),
         _stop_on_ctrl_c() as stop_requested,
     ):

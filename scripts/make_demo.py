@@ -16,8 +16,9 @@ redo it; an interrupted pretraining run resumes from its last checkpoint):
                  checked against the pretrained model's; the base is also
                  written as an mlx-lm folder, the teacher of the next stages
   6. prompts     train/valid prompts: the opening lines of stdlib chunks
-  7. sft         `train_heads.py --teacher base`: the base answers the
-                 prompts, and the heads and LoRA learn those answers
+  7. sft         `train_heads.py --teacher base --soft-targets`: the base
+                 answers the prompts, and the heads and LoRA learn the base's
+                 whole distribution at every slot of those answers
   8. opd         `train_heads.py --stage opd --teacher base`: on-policy
                  distillation toward the base (docs/design.md §7), then fused
   9. threshold   `benchmarks/eval_quality.py --split valid` picks the fastest
@@ -486,17 +487,17 @@ def main() -> None:
     g.add_argument("--valid-prompts", type=int, default=32)
     g.add_argument("--answer-tokens", type=int, default=128, help="the base's answers (default 128)")
     g.add_argument("--opd-answer-tokens", type=int, default=64, help="the student's rollouts (default 64)")
-    # Still learning at 300 steps (token1 accuracy rising by a point per 50): the
-    # backbone has to learn to read pairs, which takes most of the budget.
-    g.add_argument("--sft-iters", type=int, default=1200)
+    # The supervised stage learns the base's whole distribution at each slot of its
+    # answers (--soft-targets): far more signal per token than its sampled tokens.
+    g.add_argument("--sft-iters", type=int, default=700)
     g.add_argument("--opd-iters", type=int, default=250)
     g.add_argument("--heads-lr", type=float, default=1e-3)
     g.add_argument("--heads-batch-size", type=int, default=8)
     g.add_argument("--opd-batch-size", type=int, default=4)
     # A quarter of the supervised rate: at 1e-3 the rollouts drifted and both KLs rose.
     g.add_argument("--opd-lr", type=float, default=2.5e-4)
-    # Exact over this 4096-token vocabulary, and its α is the smooth 1 - TV.
-    g.add_argument("--opd-kl", default="full", choices=["full", "topk", "sampled"])
+    # Both stages' KL: exact over this 4096-token vocabulary, and its α is the smooth 1 - TV.
+    g.add_argument("--kl", default="full", choices=["full", "topk"])
     g.add_argument("--lora-rank", type=int, default=64)
     g.add_argument("--threshold-prompts", type=int, default=24)
     g.add_argument("--q-bits", type=int, default=8, choices=[4, 8], help="shipped weights' bits (default 8)")
@@ -538,7 +539,7 @@ def main() -> None:
 
     common = [
         "--teacher", str(work / "base"), "--data", str(work / "prompts"), "--max-seq-length", str(args.seq_len),
-        "--lora-rank", str(args.lora_rank),
+        "--lora-rank", str(args.lora_rank), "--kl", args.kl,
         "--lora-alpha", str(2 * args.lora_rank), "--seed", str(args.seed), "--fuse",
     ]
     if not (work / "sft" / "fused").exists():
@@ -550,7 +551,7 @@ def main() -> None:
             # The base's answers sampled without the presence penalty: the student
             # should learn the base's own distribution, since the penalty is applied
             # to the student's logits again at inference.
-            "--presence-penalty", "0",
+            "--presence-penalty", "0", "--soft-targets",
             "--warmup", "30", "--val-every", "100",
             "--save-every", "50", *common, *resume,
         ])
@@ -560,7 +561,6 @@ def main() -> None:
             "train_heads.py", "--model", str(work / "sft" / "fused"), "--adapter-path", str(work / "opd"),
             "--stage", "opd", "--iters", str(args.opd_iters), "--batch-size", str(args.opd_batch_size),
             "--max-new-tokens", str(args.opd_answer_tokens), "--learning-rate", str(args.opd_lr),
-            "--kl", args.opd_kl,
             "--warmup", "10", "--val-every", "50", "--val-batches", "2", "--save-every", "10",
             "--steps-per-report", "5", *common, *resume,
         ])

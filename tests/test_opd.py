@@ -11,7 +11,10 @@ never by calling the code under test.
 - teacher mapping: the teacher reads the row without PADs; position p takes its
   output at (non-PAD tokens in positions 0..p−1) − 1;
 - a PAD in a slot is labelled with the student's argmax; a token2 slot after an
-  EOS token1 is not a slot.
+  EOS token1 is not a slot;
+- off policy (--soft-targets), `topk`'s α is Σ_S min(q_s, q_t) over S with both
+  renormalised, and a supervised batch's slots run from its first label to its
+  last.
 """
 
 import mlx.core as mx
@@ -21,8 +24,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 from pipo_mlx import load
+from pipo_mlx.data import IGNORE, Example, pair_layout
 from pipo_mlx.opd import (
-    Rollouts, Slots, last_real, opd_pass, opd_terms, reverse_kl, slots, teacher_logprobs,
+    Rollouts, Slots, last_real, opd_pass, opd_terms, reverse_kl, slots, teacher_forced,
+    teacher_logprobs,
 )
 
 PAD, EOS = 0, 1
@@ -164,6 +169,27 @@ def test_alpha_definitions_by_hand():
     np.testing.assert_allclose(np.array(alpha), [0.2 + 0.3 + 0.2, 0.1 + 0.3 + 0.3], atol=1e-6)
 
 
+@pytest.mark.parametrize("k", [1, 3, 25, 50])
+def test_off_policy_alpha_is_the_overlap_on_the_set(k):
+    logits, teacher, tokens, fill = random_slots(5)
+    args = (mx.array(a) for a in (logits, teacher, tokens, fill))
+    term, kl, alpha = reverse_kl(*args, "topk", k, on_policy=False)
+    want_kl, _, _ = ref_reverse_kl(logits, teacher, tokens, fill, "topk", k)
+    ls, lt = np_log_softmax(logits), np.asarray(teacher, np.float64)
+    y = ref_label(logits, tokens, fill)
+    want = []
+    for r in range(len(ls)):
+        S = ref_topk_set(ls[r], lt[r], y[r], k)
+        qs = np.exp(ls[r, S] - np_logsumexp(ls[r, S]))
+        qt = np.exp(lt[r, S] - np_logsumexp(lt[r, S]))
+        want.append(np.minimum(qs, qt).sum())
+    np.testing.assert_allclose(np.array(alpha), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(kl), want_kl, rtol=1e-5, atol=1e-5)
+    if k >= logits.shape[1]:  # S is the vocabulary: full's 1 - TV
+        full_alpha = ref_reverse_kl(logits, teacher, tokens, fill, "full")[1]
+        np.testing.assert_allclose(np.array(alpha), full_alpha, rtol=1e-5, atol=1e-5)
+
+
 # -- 2. gradients -----------------------------------------------------------
 
 
@@ -291,7 +317,7 @@ def test_teacher_logprobs_follow_the_index_rule(prompt, pairs, extra):
     ids = np.array(row + [PAD] * extra, np.int32)  # right-padded to the batch length
     positions = np.arange(1, length)  # every predicted position, prompt included
     teacher = FakeTeacher(V, seed=len(row))
-    got = teacher_logprobs(teacher, ids, length, positions, PAD)
+    got = teacher_logprobs(teacher, ids[None], [length], [positions], PAD)[0]
     want = ref_teacher_view(teacher, ids, length, positions)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
     # The teacher read exactly the row's real tokens, never a PAD.
@@ -369,12 +395,79 @@ def test_slots_match_the_rule():
     # token2 slot p = 2i + 3 reads m_i with i = (p - 3) // 2
     np.testing.assert_array_equal(t2.pairs, (w2["positions"] - 3) // 2)
     np.testing.assert_array_equal(t1.pairs, (w1["positions"] - 2) // 2)
-    # One teacher call per row, on its real tokens only.
-    assert len(teacher.calls) == 2
-    for b, seen in enumerate(teacher.calls):
-        assert PAD not in seen
+    assert_teacher_read_real_tokens(teacher.calls, batch)
+
+
+def assert_teacher_read_real_tokens(calls, batch):
+    """Each row reached the teacher once, as its real tokens, never a PAD; a shorter
+    row in a call is filled after its end with its own last token."""
+    seen = [r for call in calls for r in call]
+    assert len(seen) == len(batch.ids)
+    for b, got in enumerate(seen):
+        assert PAD not in got
         row = batch.ids[b, : batch.lengths[b]]
-        np.testing.assert_array_equal(seen[0], row[row != PAD])
+        real = row[row != PAD]
+        np.testing.assert_array_equal(got[: len(real)], real)
+        assert (got[len(real) :] == real[-1]).all()
+
+
+def test_teacher_batches_rows_within_its_budget(monkeypatch):
+    """The first row goes alone (the vocabulary is unknown until then); the rest
+    share calls as the logits budget allows, with the same views as one by one."""
+    rows = [pair_row([5, 6, 7], [(8, PAD), (9, 10)] * k) for k in (1, 3, 2, 4, 1)]
+    T = max(len(r) for r, _ in rows)
+    ids = np.full((len(rows), T), PAD, np.int32)
+    for b, (r, _) in enumerate(rows):
+        ids[b, : len(r)] = r
+    batch = Rollouts(ids, np.array([len(r) for r, _ in rows]), np.array([s for _, s in rows]), 0, 0)
+    alone, together = FakeTeacher(30, seed=1), FakeTeacher(30, seed=1)
+    monkeypatch.setattr("pipo_mlx.opd.TEACHER_LOGITS_BUDGET", 1)
+    one = slots(alone, batch, PAD, [EOS])
+    assert [len(c) for c in alone.calls] == [1] * len(rows)
+    longest = max(int((r != PAD).sum()) for r in ids)
+    monkeypatch.setattr("pipo_mlx.opd.TEACHER_LOGITS_BUDGET", 2 * 30 * longest)
+    two = slots(together, batch, PAD, [EOS])
+    assert [len(c) for c in together.calls] == [1, 2, 2]
+    assert_teacher_read_real_tokens(together.calls, batch)
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(a.teacher, b.teacher, rtol=1e-5, atol=2e-5)
+
+
+def test_teacher_forced_slots_of_a_supervised_batch():
+    """A supervised batch with PAD augmentation: its slots run from the first
+    label to the last; augmentation PADs sit only in token2 slots (labelled with
+    the student's argmax by the loss); the teacher reads real tokens only."""
+    rng = np.random.default_rng(4)
+    examples = [Example(np.array(t, np.int32), n) for t, n in (
+        ([5, 6, 7, 8, 9, 10, 11, 12, 13, EOS], 3),  # odd prompt: a pairing PAD
+        ([20, 21, 22, 23, 24, 25, EOS], 4),  # odd completion: EOS as token1, a final PAD
+        ([30, 31, 32, 33, 34, 35], 0),  # a text record: loss from the start
+    )]
+    rows = [pair_layout(e, PAD, 0.6, rng) for e in examples]
+    T = max(len(i) for i, _ in rows) + 3  # batch padding
+    ids = np.full((len(rows), T), PAD, np.int32)
+    labels = np.full((len(rows), T), IGNORE, np.int32)
+    for b, (i, l) in enumerate(rows):
+        ids[b, : len(i)], labels[b, : len(l)] = i, l
+    assert (ids[:, 1::2] == PAD).sum() > (ids[:, 0::2] == PAD).sum()  # some pairs were split
+    batch = teacher_forced(ids, labels)
+    for b in range(len(rows)):
+        labelled = [p for p in range(T) if labels[b, p] != IGNORE]
+        assert batch.starts[b] == max(labelled[0], 2)
+        assert batch.lengths[b] == labelled[-1] + 1
+    assert batch.steps == batch.kept == 0
+    teacher = FakeTeacher(40, seed=2)
+    t1, t2 = slots(teacher, batch, PAD, [EOS])
+    w1, w2 = ref_slots(FakeTeacher(40, seed=2), batch, {EOS})
+    for got, want in ((t1, w1), (t2, w2)):
+        np.testing.assert_array_equal(got.tokens, want["tokens"])
+        np.testing.assert_allclose(got.teacher, want["teacher"], rtol=1e-5, atol=2e-5)
+    assert PAD not in t1.tokens and PAD in t2.tokens
+    # Every labelled position is a slot; so is each split pair's PAD.
+    pads = sum(int(((ids[b, s:n] == PAD) & (np.arange(s, n) % 2 == 1)).sum())
+               for b, (s, n) in enumerate(zip(batch.starts, batch.lengths)))
+    assert len(t1.tokens) + len(t2.tokens) == int((labels != IGNORE)[:, 2:].sum()) + pads
+    assert_teacher_read_real_tokens(teacher.calls, batch)
 
 
 # -- 5. opd_losses on a tiny PIPO model --------------------------------------

@@ -1,5 +1,6 @@
 """The distillation stage end to end: it learns, resumes exactly, takes a teacher's
-rollouts for supervised data, and refuses bad input in one line."""
+rollouts for supervised data (with the teacher's distributions as soft targets,
+too), and refuses bad input in one line."""
 
 import json
 import re
@@ -68,25 +69,46 @@ def test_other_kl_modes_train(kl, mlx_pipo, teacher, prompts, tmp_path):
     assert adapters(tmp_path / kl)[1] == 3
 
 
-def test_distillation_resumes_exactly(mlx_pipo, teacher, prompts, tmp_path, monkeypatch):
+SOFT = dict(soft_targets=True, kl="full", max_new_tokens=12, batch_size=4, learning_rate=3e-3)
+
+
+def test_soft_targets_raise_agreement_with_the_teacher(mlx_pipo, teacher, prompts, tmp_path, capsys):
+    cfg = config(
+        mlx_pipo, prompts, tmp_path / "run", teacher=str(teacher), iters=12, val_every=12,
+        val_batches=2, **SOFT,
+    )
+    T.train(cfg)
+    out = capsys.readouterr().out
+    figures = val_figures(out)
+    assert [f[0] for f in figures] == [0, 12]
+    (_, kl1_0, kl2_0, alpha_0), (_, kl1, kl2, alpha) = figures
+    # The teacher's held-out answers, teacher-forced: both KLs fall and the overlap rises.
+    assert kl1 < 0.85 * kl1_0 and kl2 < 0.85 * kl2_0, figures
+    assert alpha > alpha_0 + 0.03, figures
+    assert "rollouts keep" not in out  # no student rollouts in this stage
+
+
+@pytest.mark.parametrize("stage,kw", [("opd", OPD), ("soft", SOFT)])
+def test_distillation_resumes_exactly(stage, kw, mlx_pipo, teacher, prompts, tmp_path, monkeypatch):
     import os
     import signal
 
-    kw = dict(teacher=str(teacher), iters=5, save_every=3, **OPD)
+    kw = dict(teacher=str(teacher), iters=5, save_every=3, **kw)
     T.train(config(mlx_pipo, prompts, tmp_path / "whole", **kw))
 
-    real = stages.DistillationStage.batch
+    cls = stages.DistillationStage if stage == "opd" else stages.SoftTargetStage
+    real = cls.batch
 
     def batch(self, k):
         if k == 3:
             os.kill(os.getpid(), signal.SIGINT)
         return real(self, k)
 
-    monkeypatch.setattr(stages.DistillationStage, "batch", batch)
+    monkeypatch.setattr(cls, "batch", batch)
     with pytest.raises(KeyboardInterrupt):
         T.train(config(mlx_pipo, prompts, tmp_path / "split", **kw))
     assert adapters(tmp_path / "split")[1] == 4
-    monkeypatch.setattr(stages.DistillationStage, "batch", real)
+    monkeypatch.setattr(cls, "batch", real)
     T.train(config(mlx_pipo, prompts, tmp_path / "split", resume=True, **kw))
     whole, step = adapters(tmp_path / "whole")
     split, step2 = adapters(tmp_path / "split")
@@ -115,6 +137,15 @@ def test_bad_input(mlx_pipo, teacher, prompts, tmp_path, monkeypatch, capsys):
 
     out = tmp_path / "o"
     refused(attempt(out, stage="opd"), "--stage opd distills toward a teacher", "--teacher")
+    refused(attempt(out, soft_targets=True), "--soft-targets is for --stage sft with a --teacher")
+    refused(
+        attempt(out, soft_targets=True, stage="opd", teacher=str(teacher)),
+        "--soft-targets is for --stage sft",
+    )
+    refused(
+        attempt(out, soft_targets=True, teacher=str(teacher), kl="sampled"),
+        "--kl full or topk",
+    )
     refused(attempt(out, stage="opd", teacher=str(tmp_path / "none")), "teacher folder", "not found")
     refused(
         attempt(out, stage="opd", teacher=str(mlx_pipo)), "is a PIPO model", "ordinary causal LM"

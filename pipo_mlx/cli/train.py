@@ -26,7 +26,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
             '{"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]} '
             "(the last message is the completion). Stage sft (docs/design.md §6) learns "
             "the completions, or, with --teacher, the teacher's own answers to the "
-            "records' prompts (generated into ADAPTER/rollouts/ first). Stage opd "
+            "records' prompts (generated into ADAPTER/rollouts/ first; --soft-targets: "
+            "its whole distribution over them). Stage opd "
             "(docs/design.md §7) distills toward --teacher on the student's own "
             "rollouts of the prompts. Checkpoints go to ADAPTER; Ctrl-C saves one and "
             "--resume continues exactly."
@@ -56,12 +57,20 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "student's tokenizer (e.g. the base model)",
     )
     g.add_argument(
+        "--soft-targets",
+        action="store_true",
+        help="sft with --teacher: at every slot of the teacher's answers, learn the "
+        "teacher's whole next-token distribution (reverse KL as --kl) rather than its "
+        "sampled token; the confidence head learns the expected acceptance 1 - TV "
+        "(docs/design.md §7)",
+    )
+    g.add_argument(
         "--kl",
         choices=KL_MODES,
         default=D.kl,
-        help="opd: reverse KL over the whole vocabulary (full), over the union of both "
-        "top-k sets and the sampled token (topk, default, the paper's), or at the "
-        "sampled token only (sampled)",
+        help="opd and --soft-targets: reverse KL over the whole vocabulary (full), over "
+        "the union of both top-k sets and the sampled token (topk, default, the paper's), "
+        "or at the sampled token only (sampled, opd only)",
     )
     g.add_argument("--kl-topk", type=int, default=D.kl_topk, help=f"k for --kl topk (default {D.kl_topk})")
     g.add_argument(
