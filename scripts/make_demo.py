@@ -490,7 +490,7 @@ def main() -> None:
     # The supervised stage learns the base's whole distribution at each slot of its
     # answers (--soft-targets): far more signal per token than its sampled tokens.
     g.add_argument("--sft-iters", type=int, default=700)
-    g.add_argument("--opd-iters", type=int, default=250)
+    g.add_argument("--opd-iters", type=int, default=200)
     g.add_argument("--heads-lr", type=float, default=1e-3)
     g.add_argument("--heads-batch-size", type=int, default=8)
     g.add_argument("--opd-batch-size", type=int, default=4)
