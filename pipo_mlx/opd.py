@@ -267,15 +267,20 @@ def opd_pass(
 
     alpha = mx.array(outputs["kl2"][1])
     prepared["alpha"] = alpha
-    z = model.confidence(h, m)[mx.array(token2.rows), mx.array(token2.pairs)]
+    conf, pred = 0.0, 0.0
+    # Nothing with no token2 slot is evaluated in MLX: its CPU backend was seen to
+    # stall now and then reducing an empty array.
+    if n2:
+        z = model.confidence(h, m)[mx.array(token2.rows), mx.array(token2.pairs)]
+        conf, pred = confidence_bce(z, alpha, 1.0, n2).item() * n2, float(mx.sigmoid(z).sum())
     stats = {
         "n1": n1,
         "kl1": float(outputs["kl1"][0].sum()),
         "n2": n2,
         "kl2": float(outputs["kl2"][0].sum()),
-        "conf": confidence_bce(z, alpha, 1.0, n2).item() * n2,
-        "alpha": float(alpha.sum()),
-        "pred": float(mx.sigmoid(z).sum()),
+        "conf": conf,
+        "alpha": float(outputs["kl2"][1].sum()),
+        "pred": pred,
         "steps": batch.steps,
         "kept": batch.kept,
     }
@@ -294,6 +299,9 @@ def opd_terms(
             continue
         value, grad = prepared[name]
         terms[name] = with_grad(value, x[mx.array(slot.rows), mx.array(slot.pairs)], grad)
+    if not len(token2.tokens):
+        terms["conf"] = mx.array(0.0)
+        return terms
     z = model.confidence(mx.stop_gradient(h), mx.stop_gradient(m))
     z = z[mx.array(token2.rows), mx.array(token2.pairs)]
     terms["conf"] = confidence_bce(z, prepared["alpha"], 1.0, len(token2.tokens))

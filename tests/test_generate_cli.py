@@ -137,9 +137,12 @@ def test_sigint_during_generation_exits_cleanly(mlx_pipo):
         stderr=subprocess.PIPE,
         cwd=ROOT,
     )
-    first = proc.stdout.read(1)  # text is streaming: generation is under way
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        first = proc.stdout.read(1)  # text is streaming: generation is under way
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # never leave an endless generation behind to starve the suite
     assert first
     assert proc.returncode == 130
     assert b"interrupted" in err and b"Traceback" not in err
