@@ -2,9 +2,12 @@
 
 import argparse
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -160,14 +163,38 @@ def load_model(
     return load(str(target))
 
 
+@contextmanager
+def _ctrl_c_noted() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also noted, so that an
+    interrupt Python swallows (raised inside a finaliser, where it is only
+    printed) still stops the stream at the next token."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    pressed = threading.Event()
+
+    def handler(signum, frame):
+        pressed.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _stream(responses: Iterator[PipoResponse], tokenizer: TokenizerWrapper, verbose: bool) -> None:
     """Print text as it comes; on Ctrl-C print the rest of what was produced and re-raise."""
     printed, tokens, response = "", [], None
     try:
-        for response in responses:
-            print(response.text, end="", flush=True)
-            printed += response.text
-            tokens.append(response.token)
+        with _ctrl_c_noted() as pressed:
+            for response in responses:
+                print(response.text, end="", flush=True)
+                printed += response.text
+                tokens.append(response.token)
+                if pressed():
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         # The streaming detokenizer may hold back the end of a word.
         text = tokenizer.decode([t for t in tokens if t not in tokenizer.eos_token_ids])
