@@ -6,12 +6,11 @@ their loss is: supervised or distillation), `adapters` (what trains),
 """
 
 import signal
-import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +20,7 @@ from mlx.utils import tree_flatten, tree_map
 from . import backbones
 from .adapters import fuse_model, grad_checkpointing, setup_trainable
 from .hf_io import read_json
+from .interrupts import ctrl_c_noted
 from .model import PipoModel
 from .model_io import load, save_folder
 from .rollouts import check_teacher
@@ -51,28 +51,14 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     return optim.SGD(learning_rate=lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
-@contextmanager
-def _stop_on_ctrl_c() -> Iterator[Callable[[], bool]]:
-    """The first Ctrl-C asks the loop to checkpoint and stop after the current step;
-    a second one stops at once."""
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested.is_set
-        return
-
-    def handler(signum, frame):
-        requested.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print(
-            "\n[INFO] Ctrl-C: saving a checkpoint after this step (press again to quit now)",
-            flush=True,
-        )
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield requested.is_set
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _checkpoint_then_stop() -> None:
+    """The first Ctrl-C lets the loop checkpoint and stop after the current step;
+    the default handler is back for a second one, which stops at once."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    print(
+        "\n[INFO] Ctrl-C: saving a checkpoint after this step (press again to quit now)",
+        flush=True,
+    )
 
 
 def train(cfg: TrainConfig) -> PipoModel:
@@ -125,7 +111,7 @@ def train(cfg: TrainConfig) -> PipoModel:
         backbones.of(model).fast_training(model),
         backbones.of(model).fast_training(teacher) if teacher is not None else nullcontext(),
         grad_checkpointing(model, cfg.grad_checkpoint),
-        _stop_on_ctrl_c() as stop_requested,
+        ctrl_c_noted(_checkpoint_then_stop) as stop_requested,
     ):
         if step == 0:
             validate(0)

@@ -2,12 +2,9 @@
 
 import argparse
 import os
-import signal
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +23,7 @@ from ..decode import (
 )
 from ..errors import PipoError
 from ..hf_io import is_hub_id, read_json
+from ..interrupts import ctrl_c_noted
 from ..model_io import load
 from ..token2_head import DEFAULT_TOKEN2_HEAD, make_token2_head, parse_token2_head
 from . import run_cli
@@ -163,32 +161,17 @@ def load_model(
     return load(str(target))
 
 
-@contextmanager
-def _ctrl_c_noted() -> Iterator[Callable[[], bool]]:
-    """Ctrl-C raises KeyboardInterrupt as usual and is also noted, so that an
-    interrupt Python swallows (raised inside a finaliser, where it is only
-    printed) still stops the stream at the next token."""
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    pressed = threading.Event()
-
-    def handler(signum, frame):
-        pressed.set()
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield pressed.is_set
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _interrupt() -> None:
+    raise KeyboardInterrupt
 
 
 def _stream(responses: Iterator[PipoResponse], tokenizer: TokenizerWrapper, verbose: bool) -> None:
     """Print text as it comes; on Ctrl-C print the rest of what was produced and re-raise."""
     printed, tokens, response = "", [], None
     try:
-        with _ctrl_c_noted() as pressed:
+        # Noted as well as raised: an interrupt swallowed in a finaliser still
+        # stops the stream at the next token.
+        with ctrl_c_noted(_interrupt) as pressed:
             for response in responses:
                 print(response.text, end="", flush=True)
                 printed += response.text
