@@ -9,7 +9,9 @@ and its caches are then merged into the batch (mlx-lm's `BatchKVCache` pads
 the attention caches on the left; the Gated-DeltaNet states stack as they
 are). A step is one lazy graph for the whole batch, with per-row samplers,
 logits processors, thresholds, budgets and end-of-sequence, queued with
-`mx.async_eval` before the host reads the step before it.
+`mx.async_eval` before the host reads the step before it. The rows share one
+MTP cache layout, so the batch drafts or skips the MTP head as a whole: the
+rows' keep rates vote (docs/design.md §12).
 """
 
 import itertools
@@ -28,9 +30,10 @@ from .decode import (
     check_threshold,
     recommended_threshold,
 )
+from .drafting import DraftSchedule, KeepRate, check_draft, draft_cost
 from .errors import PipoError
 from .model import PipoModel
-from .prompt_cache import PromptCache, make_prompt_cache, pair_up, prefill
+from .prompt_cache import PromptCache, make_prompt_cache, owed_firsts, pair_up, prefill
 from .token2_head import DEFAULT_TOKEN2_HEAD, Token2Head, make_token2_head
 
 
@@ -50,6 +53,8 @@ class _Row:
     threshold: float
     sampler: Sampler
     processors: List[LogitsProcessor]
+    draft: str  # "auto", "always" or "never"
+    keep_rate: KeepRate
     history: Optional[mx.array]  # what the processors see: every token read, PADs included
     tokens: List[int] = field(default_factory=list)  # what the row's caches have read, in pairs
     produced: int = 0
@@ -64,7 +69,8 @@ class _Step:
     pairs: mx.array  # [B, 2]: what each row reads next, token2 gated into PAD
     remaining: mx.array  # [B]: token budget left after this step
     hidden: mx.array  # [B, 1, H]: backbone state at the position this step read
-    logprobs: List[mx.array] = field(default_factory=list)  # [B, V] for token1, then token2
+    drafted: bool  # whether this step ran the MTP head
+    logprobs: List[mx.array] = field(default_factory=list)  # [B, V] for token1, then token2 if drafted
 
 
 class BatchGenerator:
@@ -93,6 +99,11 @@ class BatchGenerator:
         self.in_flight: Optional[_Step] = None
         self.release_caches = release_caches
         self.released: Dict[int, PromptCache] = {}  # ended rows' caches, by uid
+        self.schedule = DraftSchedule(draft_cost(model))
+        # MTP entries owed by steps that skipped the head, as in decode.py: [B, 1, H]
+        # backbone states and [B, 1] token1s, rows in `self.order`.
+        self.owed_hidden: List[mx.array] = []
+        self.owed_first: List[mx.array] = []
         self._uids = itertools.count()
 
     def __len__(self) -> int:
@@ -106,15 +117,19 @@ class BatchGenerator:
         logits_processors: Optional[List[LogitsProcessor]] = None,
         conf_threshold: Optional[float] = None,
         prompt_cache: Optional[PromptCache] = None,
+        draft: Optional[str] = None,
     ) -> int:
         """Prefill a prompt (alone) and queue its row for the next step; returns its uid.
 
         `prompt_cache`, when given, already holds a prefix of the prompt's pairs
         (from `pipo_mlx.PromptCacheStore`); it becomes this row's and is not reusable.
+        `draft` is the row's say in whether steps run the MTP head ("auto",
+        "always", "never"; see `generate_step`).
         """
         ids = pair_up([int(t) for t in prompt], self.pad)
         check_request(self.model, ids, max_tokens)
         threshold = check_threshold(recommended_threshold(self.model, conf_threshold))
+        mode = check_draft(draft)
         cache = make_prompt_cache(self.model) if prompt_cache is None else prompt_cache
         if cache.tokens != ids[: len(cache.tokens)] or len(cache.tokens) > len(ids) - 2:
             raise PipoError("the prompt cache does not hold a prefix of this prompt")
@@ -122,13 +137,16 @@ class BatchGenerator:
             # Every row runs the MTP head, whatever its threshold: the batch is one graph.
             prefill(self.model, cache, ids[len(cache.tokens) : -2], self.chunk, True)
             _, mtp_cache = self.model.split_cache(cache.layers)
-            if cache.last_hidden is not None:  # the prompt's last MTP position, owed until now
-                self.model.draft(mx.array([ids[-2:-1]]), cache.last_hidden, mtp_cache)
+            if cache.last_hidden is not None:  # the prompt's last MTP positions, owed until now
+                owed = cache.last_hidden.shape[1]
+                firsts = mx.array([owed_firsts(cache.tokens, owed) + ids[-2:-1]])
+                self.model.draft(firsts, cache.last_hidden, mtp_cache)
                 mx.eval([c.state for c in mtp_cache])
         uid = next(self._uids)
         history = mx.array(ids) if logits_processors else None
         self.rows[uid] = _Row(uid, max_tokens, threshold, sampler or greedy_sampler,
-                              list(logits_processors or []), history, list(ids))
+                              list(logits_processors or []), mode, KeepRate(self.schedule.cost),
+                              history, list(ids))
         self.joining.append((uid, cache.layers, ids[-2:]))
         return uid
 
@@ -155,8 +173,11 @@ class BatchGenerator:
                 for c in self.caches:
                     c.filter(index)
                 state = tuple(x[index] for x in state) if state is not None else None
+                self.owed_hidden = [x[index] for x in self.owed_hidden]
+                self.owed_first = [x[index] for x in self.owed_first]
             else:
                 self.caches, state = None, None
+                self.owed_hidden, self.owed_first = [], []
             self.order = [self.order[i] for i in keep]
         for uid in [u for u, r in self.rows.items() if r.done and u not in self.order]:
             if not any(uid == j[0] for j in self.joining):
@@ -173,15 +194,19 @@ class BatchGenerator:
         """
         row = self.rows[self.order[i]]
         layers = [c.extract(i) for c in self.caches]
-        for c in self.model.split_cache(layers)[1]:
-            c.trim(1)
+        if self.in_flight.drafted:
+            for c in self.model.split_cache(layers)[1]:
+                c.trim(1)
+            hidden = self.in_flight.hidden[i : i + 1]
+        else:  # every entry since the last drafting step is owed, the in-flight one included
+            hidden = mx.concatenate(self.owed_hidden, axis=1)[i : i + 1]
         # Own copies: a slice would keep the whole batch's arrays alive in the store.
         for c in layers:
             if isinstance(c, ArraysCache):
                 c.cache = [None if x is None else x * 1 for x in c.cache]
             else:
                 c.keys, c.values = c.keys * 1, c.values * 1
-        hidden = self.in_flight.hidden[i : i + 1] * 1
+        hidden = hidden * 1
         mx.eval([c.state for c in layers], hidden)
         self.released[row.uid] = PromptCache(layers, row.tokens, hidden, True)
 
@@ -193,6 +218,13 @@ class BatchGenerator:
         self.joining = []
         if not joining:
             return state
+        if self.owed_hidden:  # the joining rows owe nothing: settle the batch's debt first
+            self.model.draft(
+                mx.concatenate(self.owed_first, axis=1),
+                mx.concatenate(self.owed_hidden, axis=1),
+                self.model.split_cache(self.caches)[1],
+            )
+            self.owed_hidden, self.owed_first = [], []
         per_layer = zip(*(layers for _, layers, _ in joining))
         merged = [type(layer[0]).merge(list(layer)) for layer in per_layer]
         new_pairs = mx.array([p for _, _, p in joining])
@@ -242,11 +274,25 @@ class BatchGenerator:
             row.started = True
         h = model.hidden(pairs, backbone_cache)  # [B, 1, H]
         token1, logprobs1 = self._sample(model.lm_logits(h[:, -1]))
-        m = model.draft(token1[:, None], h, mtp_cache)
-        token2, logprobs2 = self._sample(self.token2_head(m[:, -1]), token1[:, None])
-        tau = mx.array([self.rows[uid].threshold for uid in self.order])
-        c = mx.sigmoid(model.confidence(h, m)[:, -1])
-        keep = (tau < 0) | ((tau < 1) & (c >= tau))
+        if self._drafts():
+            m = model.draft(
+                mx.concatenate(self.owed_first + [token1[:, None]], axis=1),
+                mx.concatenate(self.owed_hidden + [h], axis=1),
+                mtp_cache,
+            )[:, -1:]
+            self.owed_hidden, self.owed_first = [], []
+            token2, logprobs2 = self._sample(self.token2_head(m[:, -1]), token1[:, None])
+            rows = [self.rows[uid] for uid in self.order]
+            tau = mx.array([1.0 if r.draft == "never" else r.threshold for r in rows])
+            c = mx.sigmoid(model.confidence(h, m)[:, -1])
+            keep = (tau < 0) | ((tau < 1) & (c >= tau))
+            drafted = True
+        else:
+            self.owed_hidden.append(h)
+            self.owed_first.append(token1[:, None])
+            token2, logprobs2 = mx.full(token1.shape, self.pad, token1.dtype), None
+            keep = mx.zeros(token1.shape, dtype=mx.bool_)
+            drafted = False
         if self.eos_ids is not None:
             keep = keep & ~mx.any(token1[:, None] == self.eos_ids, axis=-1)
         # A row whose budget ends on token1 does not keep token2, so it is not read either.
@@ -255,7 +301,16 @@ class BatchGenerator:
         remaining = remaining - keep
         out = mx.stack([token1, token2, keep.astype(token1.dtype)], axis=1)
         next_pairs = mx.stack([token1, mx.where(keep, token2, self.pad)], axis=1)
-        return _Step(list(self.order), out, next_pairs, remaining, h, [logprobs1, logprobs2])
+        logprobs = [logprobs1] if logprobs2 is None else [logprobs1, logprobs2]
+        return _Step(list(self.order), out, next_pairs, remaining, h, drafted, logprobs)
+
+    def _drafts(self) -> bool:
+        """Whether the step about to be built runs the MTP head: if any row asks
+        "always", else by the mean keep rate of the "auto" rows (docs/design.md §12)."""
+        rows = [self.rows[uid] for uid in self.order]
+        forced = any(r.draft == "always" and r.threshold < 1 for r in rows)
+        rates = [r.keep_rate.value for r in rows if r.draft == "auto" and r.threshold < 1]
+        return self.schedule.decide(rates, forced)
 
     def next(self) -> List[BatchResponse]:
         """One decode step of every row: each yields one or two tokens (none on the first call
@@ -272,13 +327,21 @@ class BatchGenerator:
 
     def _read(self, step: _Step) -> List[BatchResponse]:
         responses = []
-        for i, (t1, t2, keep) in enumerate(step.out.tolist()):
+        out = step.out.tolist()
+        if step.drafted:
+            voters = [(self.rows.get(uid), keep) for uid, (_, _, keep) in zip(step.uids, out)]
+            voters = [(r, k) for r, k in voters if r is not None and r.draft == "auto"]
+            for row, keep in voters:
+                row.keep_rate.observe(bool(keep))
+            if voters:
+                self.schedule.observe(any(keep for _, keep in voters))
+        for i, (t1, t2, keep) in enumerate(out):
             row = self.rows.get(step.uids[i])
             if row is None or row.done:
                 continue
             row.tokens += [t1, t2 if keep else self.pad]
-            for token, lp, draft in ((t1, step.logprobs[0], False), (t2, step.logprobs[1], True)):
-                if draft and not keep:
+            for token, lp, draft in ((t1, step.logprobs[0], False), (t2, step.logprobs[-1], True)):
+                if draft and not keep:  # a step that did not draft never keeps token2
                     break
                 row.produced += 1
                 finish = "stop" if token in self.eos else "length" if row.produced == row.max_tokens else None
@@ -296,12 +359,14 @@ def batch_generate(
     max_tokens: Union[int, Sequence[int]] = DEFAULT_MAX_TOKENS,
     sampler: Optional[Sampler] = None,
     conf_threshold: Union[None, float, Sequence[Optional[float]]] = None,
+    draft: Optional[str] = None,
     **kwargs: Any,
 ) -> List[str]:
     """The replies to `prompts` (text or token ids), decoded together in one batch.
 
-    `max_tokens` and `conf_threshold` may be one value or one per prompt; the
-    other options are `BatchGenerator`'s (`prefill_step_size`, `token2_head`).
+    `max_tokens` and `conf_threshold` may be one value or one per prompt; `draft`
+    applies to every row; the other options are `BatchGenerator`'s
+    (`prefill_step_size`, `token2_head`).
     """
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -314,7 +379,7 @@ def batch_generate(
     detokenizers = {}
     for prompt, budget, threshold in zip(prompts, budgets, thresholds):
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        uid = gen.insert(ids, budget, sampler=sampler, conf_threshold=threshold)
+        uid = gen.insert(ids, budget, sampler=sampler, conf_threshold=threshold, draft=draft)
         detokenizers[uid] = tokenizer.detokenizer
     while len(gen):
         for r in gen.next():

@@ -29,7 +29,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .errors import PipoError
 from .model import PipoModel
-from .prompt_cache import PromptCache, make_prompt_cache, pair_up, prefill
+from .drafting import DraftSchedule, KeepRate, check_draft, draft_cost
+from .prompt_cache import PromptCache, make_prompt_cache, owed_firsts, pair_up, prefill
 from .token2_head import DEFAULT_TOKEN2_HEAD, Token2Head, make_token2_head
 
 DEFAULT_MAX_TOKENS = 256
@@ -97,6 +98,7 @@ class _Step(NamedTuple):
     hidden: mx.array  # [1, 1, H]: backbone state at this step's position
     remaining: Optional[mx.array]  # token budget left after this step
     logprobs: Tuple[mx.array, Optional[mx.array]]
+    drafted: bool  # whether this step ran the MTP head
 
 
 def generate_step(
@@ -108,6 +110,7 @@ def generate_step(
     sampler: Optional[Sampler] = None,
     logits_processors: Optional[List[LogitsProcessor]] = None,
     conf_threshold: Optional[float] = None,
+    draft: Optional[str] = None,
     prompt_cache: Optional[PromptCache] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     token2_head: Union[str, Token2Head] = DEFAULT_TOKEN2_HEAD,
@@ -118,10 +121,14 @@ def generate_step(
     as token2 ends it after token2, and exactly `max_tokens` tokens are yielded
     at most (-1: no limit). A dropped token2 enters the caches as PAD, so after
     the call `prompt_cache.tokens` is the prompt plus what was yielded, in pairs.
-    `token2_head` is a `make_token2_head` spec or the head it made.
+    `draft` says which steps run the MTP head: "auto" (the default) while its
+    drafts pay for themselves (`drafting.py`), "always", or "never" (the same
+    as a threshold of 1 or more). `token2_head` is a `make_token2_head` spec or
+    the head it made.
     """
     ids = prompt.tolist() if isinstance(prompt, mx.array) else [int(t) for t in prompt]
     threshold = check_threshold(recommended_threshold(model, conf_threshold))
+    mode = check_draft(draft)
     if prefill_step_size < 2:
         raise PipoError(f"prefill_step_size must be at least 2 (one pair), got {prefill_step_size}")
     cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
@@ -131,7 +138,10 @@ def generate_step(
     pad = model.pad_token_id
     ids = pair_up(ids, pad)
     check_request(model, ids, max_tokens, held=len(cache.tokens))
-    use_mtp = threshold < 1  # threshold >= 1 never keeps token2: skip the MTP outright
+    # A threshold >= 1 never keeps token2: skip the MTP outright, as "never" does.
+    use_mtp = threshold < 1 and mode != "never"
+    schedule = DraftSchedule(draft_cost(model))
+    keep_rate = KeepRate(schedule.cost)
     if isinstance(token2_head, str):
         token2_head = make_token2_head(model, token2_head)
 
@@ -140,6 +150,11 @@ def generate_step(
     eos_ids = mx.array(eos) if eos else None
     mask_pad = pad not in eos
     backbone_cache, mtp_cache = model.split_cache(cache.layers)
+    # MTP entries owed by steps that skipped the head (and by the prompt's last
+    # pairs): backbone states and the token1 that followed each, drafted in one
+    # go by the next drafting step so that the MTP cache misses no position.
+    owed_hidden: List[mx.array] = []
+    owed_first: List[mx.array] = []
 
     def sample(logits: mx.array, history: Optional[mx.array]) -> Tuple[mx.array, mx.array]:
         for processor in logits_processors or ():
@@ -153,15 +168,15 @@ def generate_step(
         pair: mx.array,
         history: Optional[mx.array],
         remaining: Optional[mx.array],
-        pending: Optional[mx.array],
+        drafting: bool,
     ) -> _Step:
         h = model.hidden(pair, backbone_cache)
         token1, logprobs1 = sample(model.lm_logits(h[:, -1]), history)
-        if use_mtp:
-            hidden, firsts = h, token1[:, None]
-            if pending is not None:  # the prompt's last MTP position, still owed
-                hidden = mx.concatenate([pending, h], axis=1)
-                firsts = mx.concatenate([pair[:, :1], firsts], axis=1)
+        if drafting:
+            hidden = mx.concatenate(owed_hidden + [h], axis=1)
+            firsts = mx.concatenate(owed_first + [token1[:, None]], axis=1)
+            owed_hidden.clear()
+            owed_first.clear()
             m = model.draft(firsts, hidden, mtp_cache)[:, -1:]
             if history is not None:
                 history = mx.concatenate([history, token1])
@@ -171,6 +186,9 @@ def generate_step(
             else:
                 keep = mx.ones_like(token1, dtype=mx.bool_)
         else:
+            if use_mtp:
+                owed_hidden.append(h)
+                owed_first.append(token1[:, None])
             token2, logprobs2 = mx.full(token1.shape, pad, token1.dtype), None
             keep = mx.zeros_like(token1, dtype=mx.bool_)
         # The host drops token2 after an EOS token1 or past the budget; the pair
@@ -183,7 +201,11 @@ def generate_step(
             remaining = remaining - keep
         out = mx.concatenate([token1, token2, keep.astype(token1.dtype)])
         next_pair = mx.stack([token1, mx.where(keep, token2, pad)], axis=1)
-        return _Step(out, next_pair, h, remaining, (logprobs1, logprobs2))
+        return _Step(out, next_pair, h, remaining, (logprobs1, logprobs2), drafting)
+
+    def drafts() -> bool:
+        """Whether the step about to be built runs the MTP head."""
+        return use_mtp and schedule.decide([keep_rate.value], forced=mode == "always")
 
     def queue(s: _Step) -> None:
         mx.async_eval(s.out, *(lp for lp in s.logprobs if lp is not None))
@@ -191,21 +213,27 @@ def generate_step(
     chunk = prefill_step_size - prefill_step_size % 2
     with mx.stream(generation_stream):
         prefill(model, cache, ids[:-2], chunk, use_mtp)
-        pending = cache.last_hidden if use_mtp else None
+        if use_mtp and cache.last_hidden is not None:
+            owed_hidden.append(cache.last_hidden)
+            known = owed_firsts(cache.tokens, cache.last_hidden.shape[1]) + ids[-2:-1]
+            owed_first.append(mx.array([known], dtype=mx.int32))
         cache.last_hidden = None
         cache.tokens.extend(ids[-2:])
         history = mx.array(cache.tokens) if logits_processors else None
         budget = mx.array([max_tokens]) if max_tokens > 0 else None
-        current = last = step(mx.array([ids[-2:]]), history, budget, pending)
+        current = last = step(mx.array([ids[-2:]]), history, budget, drafts())
         queue(current)
         produced = 0
         try:
             for n in itertools.count(1):
                 if history is not None:
                     history = mx.concatenate([history, current.pair[0]])
-                last = step(current.pair, history, current.remaining, None)
+                last = step(current.pair, history, current.remaining, drafts())
                 queue(last)
                 token1, token2, keep = current.out.tolist()
+                if current.drafted:
+                    keep_rate.observe(bool(keep))
+                    schedule.observe(bool(keep))
                 cache.tokens += [token1, token2 if keep else pad]
                 produced += 1
                 yield token1, current.logprobs[0], False
@@ -220,12 +248,16 @@ def generate_step(
                     mx.clear_cache()
                 current = last
         finally:
-            # `last` already read the final pair; its MTP entry used a token1
-            # that will never be committed, so the next call redoes it.
+            # `last` already read the final pair. If it drafted, its MTP entry
+            # used a token1 that will never be committed: trim it and owe it.
+            # Otherwise every entry since the last drafting step is still owed.
             if use_mtp:
-                cache.last_hidden = last.hidden
-                for c in mtp_cache:
-                    c.trim(1)
+                if last.drafted:
+                    cache.last_hidden = last.hidden
+                    for c in mtp_cache:
+                        c.trim(1)
+                else:
+                    cache.last_hidden = mx.concatenate(owed_hidden, axis=1)
 
 
 def stream_generate(
@@ -239,8 +271,8 @@ def stream_generate(
 
     `prompt` is text or token ids (apply a chat template first, as with mlx-lm).
     The other options are those of `generate_step`: `sampler`,
-    `logits_processors`, `conf_threshold`, `prompt_cache`, `prefill_step_size`,
-    `token2_head`.
+    `logits_processors`, `conf_threshold`, `draft`, `prompt_cache`,
+    `prefill_step_size`, `token2_head`.
     """
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)

@@ -31,6 +31,13 @@ class PipoArgs:
     # The gate threshold this model was tuned for, used when a caller gives
     # none; None: the paper's 0.95 (docs/design.md §5).
     conf_threshold: Optional[float] = None
+    # The extra time of a drafting step over a plain one, as a fraction of the
+    # plain step, measured on the user's machine by `pipo_mlx.calibrate`; None:
+    # estimated from the weights each step reads (drafting.draft_cost).
+    draft_cost: Optional[float] = None
+    # Where the base model came from (a path or hub id), recorded by conversion
+    # and training so that the benchmark and calibration can find it.
+    base_model: Optional[str] = None
 
     @classmethod
     def from_dict(cls, params: Dict[str, Any]) -> "PipoArgs":

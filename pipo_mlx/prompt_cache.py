@@ -31,7 +31,9 @@ class PromptCache:
     Make one with `make_prompt_cache(model)`. After a call the backbone holds
     every token in `tokens`. The MTP entry of the last pair needs the first token
     of the pair after it, which the next call brings, so it is left out and
-    `last_hidden` keeps the backbone state it will be computed from.
+    `last_hidden` keeps the backbone state it will be computed from. Steps that
+    skipped the MTP head (adaptive drafting) leave more entries owed:
+    `last_hidden` then holds the states of the last k pairs, [1, k, H].
     """
 
     layers: List[Any]  # model.make_cache(): the backbone's caches, then the MTP's
@@ -56,6 +58,12 @@ def make_prompt_cache(model: PipoModel) -> PromptCache:
 def pair_up(ids: List[int], pad: int) -> List[int]:
     """`ids` with a PAD appended when their count is odd, as the backbone reads pairs."""
     return ids + [pad] if len(ids) % 2 else list(ids)
+
+
+def owed_firsts(tokens: List[int], owed: int) -> List[int]:
+    """The first tokens of the pairs after the `owed` last pairs of `tokens`, as far
+    as `tokens` has them: the MTP inputs of all owed entries but the last."""
+    return tokens[len(tokens) - 2 * owed + 2 :: 2] if owed > 1 else []
 
 
 def prefill(
@@ -83,7 +91,8 @@ def prefill(
                 hidden, firsts = h[:, :-1], x[:, 2::2]
             else:
                 hidden = mx.concatenate([cache.last_hidden, h[:, :-1]], axis=1)
-                firsts = x[:, 0::2]
+                known = owed_firsts(cache.tokens, cache.last_hidden.shape[1])
+                firsts = mx.concatenate([mx.array([known], dtype=x.dtype), x[:, 0::2]], axis=1)
             if hidden.shape[1]:
                 model.draft(firsts, hidden, mtp_cache)
             cache.last_hidden = h[:, -1:]

@@ -15,9 +15,10 @@ def lib(mlx_pipo):
 
 
 def single(model, ids, threshold, budget, eos, processors=None):
-    """(token, is_token2) pairs of the single-sequence decoder."""
+    """(token, is_token2) pairs of the single-sequence decoder, drafting at every step
+    (rows of a batch share "auto" decisions, a single sequence makes its own)."""
     out = generate_step(ids, model, eos_token_ids=eos, max_tokens=budget, conf_threshold=threshold,
-                        logits_processors=processors)
+                        logits_processors=processors, draft="always")
     return [(t, d) for t, _, d in out]
 
 
@@ -44,7 +45,7 @@ def test_each_row_equals_the_single_decoder(lib, thresholds):
     rows = [(random_ids(1, n, seed=n)[0].tolist(), thresholds[i % len(thresholds)], 10 + i)
             for i, n in enumerate(LENGTHS)]
     gen = BatchGenerator(model, eos)
-    uids = [gen.insert(ids, budget, conf_threshold=t) for ids, t, budget in rows]
+    uids = [gen.insert(ids, budget, conf_threshold=t, draft="always") for ids, t, budget in rows]
     got, _ = run(gen)
     for uid, (ids, t, budget) in zip(uids, rows):
         assert got[uid] == single(model, ids, t, budget, eos), (len(ids), t)
@@ -72,9 +73,10 @@ def test_rows_ending_and_joining_leave_the_others_unchanged(lib):
         "later": (random_ids(1, 4, seed=8)[0].tolist(), 1.0, 9),
     }
     gen = BatchGenerator(model, eos)
-    first = {k: gen.insert(ids, b, conf_threshold=t) for k, (ids, t, b) in rows.items() if "late" not in k}
-    joins = {3: [("late", ((rows["late"][0], 12), {"conf_threshold": 0.5}))],
-             5: [("later", ((rows["later"][0], 9), {"conf_threshold": 1.0}))]}
+    first = {k: gen.insert(ids, b, conf_threshold=t, draft="always")
+             for k, (ids, t, b) in rows.items() if "late" not in k}
+    joins = {3: [("late", ((rows["late"][0], 12), {"conf_threshold": 0.5, "draft": "always"}))],
+             5: [("later", ((rows["later"][0], 9), {"conf_threshold": 1.0, "draft": "always"}))]}
     got, joined = run(gen, joins)
     for key, uid in {**first, **joined}.items():
         ids, t, budget = rows[key]
@@ -92,7 +94,7 @@ def test_a_removed_row_stops_and_the_others_go_on(lib):
     eos = tokenizer.eos_token_ids
     prompts = [random_ids(1, n, seed=200 + n)[0].tolist() for n in (7, 10, 3)]
     gen = BatchGenerator(model, eos)
-    uids = [gen.insert(p, 16, conf_threshold=0.5) for p in prompts]
+    uids = [gen.insert(p, 16, conf_threshold=0.5, draft="always") for p in prompts]
     got = {u: [] for u in uids}
     for step in range(40):
         if step == 2:
@@ -112,7 +114,7 @@ def test_logits_processors_see_each_rows_own_history(lib):
     prompts = [random_ids(1, n, seed=300 + n)[0].tolist() for n in (9, 4)]
     gen = BatchGenerator(model, eos)
     uids = [gen.insert(p, 14, conf_threshold=-1.0,
-                       logits_processors=make_logits_processors(repetition_penalty=1.5 + i))
+                       logits_processors=make_logits_processors(repetition_penalty=1.5 + i), draft="always")
             for i, p in enumerate(prompts)]
     got, _ = run(gen)
     for i, (uid, p) in enumerate(zip(uids, prompts)):
@@ -124,9 +126,10 @@ def test_batch_generate_gives_each_prompt_its_single_reply(lib):
     model, tokenizer = lib
     prompts = ["def add(a, b):", "import os\n", "class Point:\n    def"]
     thresholds = [-1.0, 0.5, 1.0]
-    texts = batch_generate(model, tokenizer, prompts, max_tokens=12, conf_threshold=thresholds)
+    texts = batch_generate(model, tokenizer, prompts, max_tokens=12, conf_threshold=thresholds,
+                           draft="always")
     for prompt, t, text in zip(prompts, thresholds, texts):
-        assert text == generate(model, tokenizer, prompt, max_tokens=12, conf_threshold=t)
+        assert text == generate(model, tokenizer, prompt, max_tokens=12, conf_threshold=t, draft="always")
 
 
 def test_bad_rows_are_refused(lib):

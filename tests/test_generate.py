@@ -10,6 +10,7 @@ unless it is an EOS token.
 
 import copy
 import io
+import itertools
 import math
 import re
 from collections import Counter
@@ -53,11 +54,15 @@ def prompt_of(length, seed=0):
     return random_ids(1, length, seed=seed)[0].tolist()
 
 
-def reference(model, prompt, threshold, max_tokens, eos=(), processors=()):
-    """Full recomputation: ([(token, is_token2)], ids the backbone read, [logprobs])."""
+def reference(model, prompt, threshold, max_tokens, eos=(), processors=(), drafts=None):
+    """Full recomputation: ([(token, is_token2)], ids the backbone read, [logprobs]).
+
+    `drafts(step)` False: that step skips the MTP head, i.e. reads (token1, PAD) next.
+    """
     pad = model.args.pad_token_id
     ids = list(prompt) + [pad] * (len(prompt) % 2)
     out, logprobs = [], []
+    steps = itertools.count()
 
     def pick(logits, history):
         for p in processors:
@@ -75,7 +80,8 @@ def reference(model, prompt, threshold, max_tokens, eos=(), processors=()):
         t1, lp = pick(model(mx.array([ids + [pad, pad]])).logits[:, L - 1], ids)
         out.append((t1, False))
         logprobs.append(lp)
-        if t1 in eos or len(out) == max_tokens or threshold >= 1:
+        drafting = threshold < 1 and (drafts is None or drafts(next(steps)))
+        if t1 in eos or len(out) == max_tokens or not drafting:
             ids += [t1, pad]
             if t1 in eos or len(out) == max_tokens:
                 return out, ids, logprobs
@@ -107,6 +113,9 @@ def assert_logprobs_close(responses, expected):
 
 
 def fused(model, tokenizer, prompt, cache=None, **kwargs):
+    """The decoder's tokens, responses and cache; it drafts at every step unless told
+    otherwise, as the reference does (adaptive drafting: tests/test_drafting.py)."""
+    kwargs.setdefault("draft", "always")
     cache = make_prompt_cache(model) if cache is None else cache
     responses = list(stream_generate(model, tokenizer, prompt, prompt_cache=cache, **kwargs))
     return [(r.token, r.from_draft) for r in responses], responses, cache
@@ -305,6 +314,7 @@ def test_chat_second_turn_equals_a_fresh_run(pipo, threshold, first_max_tokens, 
         max_tokens=first_max_tokens,
         conf_threshold=threshold,
         prefill_step_size=6,
+        draft="always",
     )
     first_prompt, _ = session.prompt_ids("def add(a, b):")
     if eos_first:
