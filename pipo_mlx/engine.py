@@ -48,6 +48,7 @@ class Job:
     max_tokens: int
     sampling: Sampling = field(default_factory=Sampling)
     conf_threshold: Optional[float] = None
+    draft: Optional[str] = None  # "auto" (None), "always" or "never"
     stop: Sequence[str] = ()
     logprobs: bool = False  # each token's log-probability (a host read per token)
     top_logprobs: int = 0  # > 0: the top-n alternatives of every token too
@@ -236,6 +237,7 @@ class Engine:
                 ),
                 conf_threshold=job.conf_threshold,
                 prompt_cache=cache,
+                draft=job.draft,
             )
         except Exception as e:
             job.events.put(Failed(e))

@@ -30,7 +30,7 @@ def cli(monkeypatch, capsys, *argv, stdin=None):
     return code, out, err
 
 
-def test_verbose_run_prints_text_and_figures(mlx_pipo, monkeypatch, capsys):
+def test_a_run_prints_text_and_figures_by_default(mlx_pipo, monkeypatch, capsys):
     code, out, err = cli(
         monkeypatch,
         capsys,
@@ -38,7 +38,6 @@ def test_verbose_run_prints_text_and_figures(mlx_pipo, monkeypatch, capsys):
         str(mlx_pipo),
         "--prompt",
         "hi",
-        "--verbose",
         "--max-tokens",
         "12",
         "--conf-threshold",
@@ -73,11 +72,34 @@ def test_prompt_from_stdin_and_raw_text(mlx_pipo, monkeypatch, capsys):
         "--ignore-chat-template",
         "--max-tokens",
         "6",
+        "--quiet",
         stdin="def add(a, b):",
     )
     assert code == 0, err
     model, tokenizer = load(str(mlx_pipo))
     assert out == generate(model, tokenizer, "def add(a, b):", max_tokens=6) + "\n"
+
+
+def test_quiet_and_the_draft_modes(mlx_pipo, monkeypatch, capsys):
+    common = ["--model", str(mlx_pipo), "--prompt", "def f(x):", "--max-tokens", "16"]
+    outs = {}
+    for name, extra in {
+        "never": ["--draft", "never", "--quiet"],
+        "threshold 1": ["--conf-threshold", "1", "--verbose", "False"],
+        "always": ["--draft", "always", "--conf-threshold", "-1", "-q"],
+    }.items():
+        code, outs[name], err = cli(monkeypatch, capsys, *common, *extra)
+        assert code == 0, err
+        assert "=" * 10 not in outs[name] and "tokens-per-sec" not in outs[name]
+    assert outs["never"] == outs["threshold 1"]
+    model, tokenizer = load(str(mlx_pipo))
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "def f(x):"}], add_generation_prompt=True
+    )
+    assert outs["always"] == generate(model, tokenizer, prompt, max_tokens=16, conf_threshold=-1.0,
+                                      draft="always") + "\n"
+    code, _, err = cli(monkeypatch, capsys, *common, "--draft", "sometimes")
+    assert code == 2 and "invalid choice" in err
 
 
 def test_chat_loop(mlx_pipo, monkeypatch, capsys):
@@ -112,7 +134,7 @@ def test_ctrl_c_prints_what_was_produced(mlx_pipo, monkeypatch, capsys):
 
     monkeypatch.setattr(pipo_mlx.chat, "stream_generate", interrupted)
     code, out, err = cli(
-        monkeypatch, capsys, "--model", str(mlx_pipo), "--prompt", "hi", "--max-tokens", "50"
+        monkeypatch, capsys, "--model", str(mlx_pipo), "--prompt", "hi", "--max-tokens", "50", "-q"
     )
     assert code == 130
     assert out.startswith("".join(shown)) and out.endswith("\n")

@@ -114,6 +114,18 @@ def test_chat_equals_the_library_token_for_token(server, client, lib, threshold)
     assert r.usage.prompt_tokens_details.cached_tokens == len(ids) + len(ids) % 2 - 2
 
 
+@pytest.mark.parametrize("draft", ["always", "never"])
+def test_the_drafting_mode_of_a_request(server, client, lib, draft):
+    model, tokenizer = lib
+    prompt = "def mul(a, b):"
+    out = list(stream_generate(model, tokenizer, tokenizer.encode(prompt), max_tokens=16,
+                               conf_threshold=0.5, draft=draft))
+    r = client.completions.create(model="default_model", prompt=prompt, max_tokens=16,
+                                  extra_body={"conf_threshold": 0.5, "draft": draft})
+    assert r.choices[0].text == "".join(x.text for x in out)
+    assert (out[-1].token2_kept > 0) == (draft == "always")
+
+
 def test_streams_equal_the_library_and_end_with_usage(server, client, lib):
     messages = [{"role": "user", "content": "print(i * i)"}]
     ids = chat_ids(lib, messages)
@@ -307,6 +319,8 @@ BAD = [
     ("a prompt over the context", "/v1/completions", {"prompt": "a " * 5000}, 400, "context_length_exceeded"),
     ("token ids out of the vocabulary", "/v1/completions", {"prompt": [1, 2, 10**6]}, 400, "invalid_type"),
     ("n = 2", "/v1/completions", {**GOOD, "n": 2}, 400, "invalid_value"),
+    ("an unknown drafting mode", "/v1/completions", {**GOOD, "draft": "sometimes"}, 400, "invalid_value"),
+    ("a drafting mode that is a number", "/v1/completions", {**GOOD, "draft": 1}, 400, "invalid_type"),
     ("an oversized body", "/v1/completions", {"prompt": "x" * (2 * MAX_BODY)}, 413, "request_too_large"),
     ("an unknown endpoint", "/v1/embeddings", GOOD, 404, "not_found"),
 ]

@@ -8,6 +8,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.generate import str2bool
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -21,6 +22,7 @@ from ..decode import (
     check_threshold,
     print_figures,
 )
+from ..drafting import DEFAULT_DRAFT, DRAFT_MODES
 from ..errors import PipoError
 from ..hf_io import is_hub_id, read_json
 from ..interrupts import ctrl_c_noted
@@ -89,6 +91,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "the paper's)",
     )
     parser.add_argument(
+        "--draft",
+        choices=DRAFT_MODES,
+        default=DEFAULT_DRAFT,
+        help="which steps run the MTP head that drafts token2: auto (default) drafts while "
+        "the recent keep rate pays for the extra weights a drafting step reads, and "
+        "probes now and then otherwise, so a model with poor drafts decodes about as "
+        "fast as without them; always drafts at every step; never drafts (the same as "
+        "--conf-threshold 1)",
+    )
+    parser.add_argument(
         "--token2-head",
         default=DEFAULT_TOKEN2_HEAD,
         help="how the drafted token2's logits are computed: full (the LM head, default), "
@@ -112,8 +124,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--verbose",
-        action="store_true",
-        help="print time to first token, speeds, tokens per step, token2 keep rate and peak memory",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="print time to first token, speeds, tokens per step, token2 keep rate and peak "
+        "memory after each reply (default True, as mlx_lm.generate; --verbose False or "
+        "--quiet turns it off)",
+    )
+    parser.add_argument(
+        "--quiet", "-q", action="store_true", help="print only the generated text"
     )
     return parser
 
@@ -262,15 +282,17 @@ def run(args: argparse.Namespace) -> None:
             presence_penalty=args.presence_penalty,
         ),
         conf_threshold=threshold,
+        draft=args.draft,
         prefill_step_size=args.prefill_step_size,
         token2_head=make_token2_head(model, args.token2_head),
     )
+    verbose = args.verbose and not args.quiet
     if not args.chat:
-        if args.verbose:
+        if verbose:
             print("=" * 10)
-        _stream(session.turn(prompt), tokenizer, args.verbose)
+        _stream(session.turn(prompt), tokenizer, verbose)
         return
-    chat_loop(session, tokenizer, prompt, args.verbose)
+    chat_loop(session, tokenizer, prompt, verbose)
 
 
 def chat_loop(

@@ -2,7 +2,7 @@
 
 Field names, defaults and response layouts follow OpenAI's chat and legacy
 completions APIs as `mlx_lm.server` serves them, so clients written for either
-work unchanged. Our additions: the request field `conf_threshold`, and a
+work unchanged. Our additions: the request fields `conf_threshold` and `draft`, and a
 `pipo` object in `usage` (decode steps, drafted tokens kept, tokens per step).
 """
 
@@ -17,6 +17,7 @@ from mlx_lm.generate import TextStateMachine, make_text_state_machine
 from mlx_lm.server import ToolCallFormatter, convert_chat, process_message_content
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from ..drafting import DEFAULT_DRAFT, DRAFT_MODES
 from ..engine import Finished, Sampling, TokenEvent
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; legacy completions allow 5
@@ -44,6 +45,7 @@ class Defaults:
     top_k: int
     min_p: float
     conf_threshold: Optional[float]  # None: the model's recommended threshold
+    draft: str = DEFAULT_DRAFT
 
 
 @dataclass
@@ -54,6 +56,7 @@ class ApiRequest:
     sampling: Sampling
     conf_threshold: Optional[float]
     stop: List[str]
+    draft: str = DEFAULT_DRAFT
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
@@ -90,6 +93,14 @@ def _integer(body, name, default, lo=None, hi=None):
     if value is not None and ((lo is not None and value < lo) or (hi is not None and value > hi)):
         raise ApiError(400, f"'{name}' must lie in [{lo}, {hi if hi is not None else 'inf'}], got {value}",
                        name, "invalid_value")
+    return value
+
+
+def _draft(body: Dict[str, Any], default: str) -> str:
+    value = _get(body, "draft", (str,), default, "a string")
+    if value not in DRAFT_MODES:
+        raise ApiError(400, f"'draft' must be one of {', '.join(DRAFT_MODES)}, got {json.dumps(value)[:80]}",
+                       "draft", "invalid_value")
     return value
 
 
@@ -135,6 +146,7 @@ def parse_request(
         sampling=sampling,
         conf_threshold=_number(body, "conf_threshold", defaults.conf_threshold),
         stop=_stop_strings(body),
+        draft=_draft(body, defaults.draft),
         stream=_get(body, "stream", (bool,), False, "true or false"),
         model=_get(body, "model", (str,), None, "a string"),
     )

@@ -27,6 +27,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _parse_size
 
 from ..decode import DEFAULT_PREFILL_STEP_SIZE, check_threshold
+from ..drafting import DEFAULT_DRAFT, DRAFT_MODES
 from ..engine import Engine, Failed, Finished, Job
 from ..errors import PipoError
 from ..token2_head import DEFAULT_TOKEN2_HEAD, make_token2_head, parse_token2_head
@@ -146,7 +147,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         job = app.engine.submit(Job(
             prompt=request.prompt, max_tokens=request.max_tokens, sampling=request.sampling,
-            conf_threshold=request.conf_threshold, stop=request.stop, logprobs=request.logprobs,
+            conf_threshold=request.conf_threshold, draft=request.draft, stop=request.stop, logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
         ))
         reply = Reply(request, app.tokenizer, app.model_id, int(time.time()))
@@ -237,6 +238,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--conf-threshold", type=float,
                    help="keep a drafted token2 when the confidence reaches this (default: the "
                    "model's recommended threshold, else 0.95); requests override it with conf_threshold")
+    g.add_argument("--draft", choices=DRAFT_MODES, default=DEFAULT_DRAFT,
+                   help="which decode steps run the MTP head, as in generate.py (default auto: while "
+                   "drafts pay); requests override it with draft"),
     g = p.add_argument_group("capacity")
     g.add_argument("--prompt-cache-bytes", default="1GB",
                    help="memory for cached conversations, e.g. 512MB or 4GB (default 1GB); 0 turns caching off")
@@ -287,7 +291,8 @@ def make_server(args: argparse.Namespace) -> Server:
     app = App(
         engine=engine, tokenizer=tokenizer, model_id=model_id, model_names=frozenset(names),
         context_length=model.args.max_position_embeddings,
-        defaults=Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p, args.conf_threshold),
+        defaults=Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p, args.conf_threshold,
+                          args.draft),
         max_request_bytes=args.max_request_bytes, created=int(time.time()), tokenizer_lock=threading.Lock(),
     )
     try:
