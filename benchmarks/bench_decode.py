@@ -73,7 +73,9 @@ from mlx_lm.utils import quantize_model
 from pipo_mlx import load, make_prompt_cache, make_token2_head, stream_generate
 from pipo_mlx.backbones.qwen3_5 import Model, ModelArgs
 from pipo_mlx.decode import generate_step
+from pipo_mlx.drafting import weight_bytes
 from pipo_mlx.model_io import cast
+from pipo_mlx.speed import keep_all_bound as bound
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"  # committed: the README quotes these files
@@ -172,10 +174,6 @@ def baseline_of(model: Model) -> TextModel:
     return base
 
 
-def nbytes(module: nn.Module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
-
-
 def model_dtype(model: Model) -> str:
     embed = model.model.embed_tokens
     if "scales" in embed:
@@ -184,24 +182,13 @@ def model_dtype(model: Model) -> str:
 
 
 def weights(model: Model) -> Dict[str, int]:
-    """Bytes each decode step reads: B, E, M (MTP + confidence head), C; and parameter counts."""
-    embed = nbytes(model.model.embed_tokens)
-    head = embed if model.args.tie_word_embeddings else nbytes(model.lm_head)
+    """Bytes each decode step reads (B, E, M, C: drafting.weight_bytes); parameter counts."""
     return {
-        "B": nbytes(model.model) - embed,  # a lookup reads one row of the embedding
-        "E": head,
-        "M": nbytes(model.mtp) + nbytes(model.confidence_head),
-        "C": nbytes(model.compressor),
+        **weight_bytes(model),
         "backbone_params": count(model.model)
         + (0 if model.args.tie_word_embeddings else count(model.lm_head)),
         "pipo_head_params": count(model.mtp) + count(model.confidence_head) + count(model.compressor),
     }
-
-
-def bound(w: Dict[str, int], token2_fraction: float = 1.0) -> float:
-    """Keep-all speedup where reading weights bounds decoding; token2's head reads E * fraction."""
-    B, E, M, C = w["B"], w["E"], w["M"], w["C"]
-    return (B + E) / ((B + E + token2_fraction * E + M + C) / 2)
 
 
 def synthetic_tokenizer(vocab_size: int) -> TokenizerWrapper:

@@ -21,6 +21,7 @@ from .hf_io import (
     TOKENIZER_PATTERNS,
     WEIGHT_PATTERNS,
     flat_text_config,
+    is_hub_id,
     load_safetensors,
     load_weights,
     read_json,
@@ -35,6 +36,23 @@ ARCHITECTURE = "Qwen3_5ForCausalPIPO"  # the name the authors' training tool sto
 
 class MissingHeadsError(PipoError):
     """The source has no trained PIPO heads and the caller asked for them."""
+
+
+def base_source(spec: str) -> str:
+    """How a model folder records its base (`pipo.base_model`): a hub id as given,
+    a local path made absolute, so the record holds wherever the folder moves."""
+    return spec if is_hub_id(spec) else str(Path(spec).expanduser().resolve())
+
+
+def recorded_base(folder: Path, record: Optional[str]) -> Optional[str]:
+    """A folder's base record as a hub id or an absolute path. A relative path (a
+    hand-written config's, as the shipped demo's) is relative to `folder`."""
+    if record is None:
+        return None
+    local = folder / Path(record).expanduser()  # an absolute record stays as it is
+    if not local.exists() and is_hub_id(record):
+        return record
+    return str(local.resolve())
 
 
 def _canonical(key: str) -> str:
@@ -262,6 +280,9 @@ def convert(
     del weights, origin
     if fresh:
         print(f"[INFO] initialised fresh {', '.join(fresh)} (train them with train_heads.py)")
+    if adapter_dir is not None or fresh:
+        # The source is the base itself: the benchmark and calibration compare against it.
+        pipo["base_model"] = base_source(hf_path)
 
     target = DTYPES[dtype] if dtype else DTYPES.get(
         str(config.get("dtype") or config.get("torch_dtype") or text.get("dtype")), mx.float32

@@ -447,6 +447,8 @@ def ship(work: Path, out: Path, q_bits: int) -> None:
     fused = work / "opd" / "fused"
     pipo, _ = load(str(fused))
     pipo_config = json.loads((fused / "config.json").read_text())
+    # The shipped base beside it, not the intermediate the heads were trained from.
+    pipo_config["pipo"]["base_model"] = "../base-stdlib"
     pipo, pipo_config = quantize_model(pipo, pipo_config, GROUP, q_bits)
     save_folder(out / "pipo-stdlib", pipo, pipo_config, tokenizer)
     for name in ("base-stdlib", "pipo-stdlib"):

@@ -8,8 +8,10 @@ import argparse
 from pathlib import Path
 from typing import List, Optional
 
+from ..conversion import recorded_base
 from ..errors import PipoError
 from ..hf_io import read_json
+from ..model_io import write_json_atomic
 from ..train_config import COMPUTE_DTYPES, KL_MODES, OPTIMIZERS, STAGES, TrainConfig
 from ..train_state import RUN_FILE
 from ..trainer import train
@@ -297,10 +299,25 @@ def check_output(cfg: TrainConfig) -> None:
         )
 
 
+def record_base(cfg: TrainConfig) -> None:
+    """Name the trained model's base in ADAPTER/fused/ as --model names it, made
+    absolute: a path relative to --model would not hold from the fused folder."""
+    src = Path(cfg.model).expanduser()
+    record = read_json(src / "config.json", "a model folder").get("pipo", {}).get("base_model")
+    base = recorded_base(src, record)
+    path = Path(cfg.adapter_path).expanduser() / "fused" / "config.json"
+    config = read_json(path, "a fused model folder")
+    if base is not None and config["pipo"].get("base_model") != base:
+        config["pipo"]["base_model"] = base
+        write_json_atomic(path, config)
+
+
 def run(cfg: TrainConfig) -> None:
     cfg.check()
     check_output(cfg)
     train(cfg)
+    if cfg.fuse:
+        record_base(cfg)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
