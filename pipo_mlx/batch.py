@@ -140,7 +140,7 @@ class BatchGenerator:
             if cache.last_hidden is not None:  # the prompt's last MTP positions, owed until now
                 owed = cache.last_hidden.shape[1]
                 firsts = mx.array([owed_firsts(cache.tokens, owed) + ids[-2:-1]])
-                self.model.draft(firsts, cache.last_hidden, mtp_cache)
+                self.model.fill_mtp_cache(firsts, cache.last_hidden, mtp_cache)
                 mx.eval([c.state for c in mtp_cache])
         uid = next(self._uids)
         history = mx.array(ids) if logits_processors else None
@@ -219,7 +219,7 @@ class BatchGenerator:
         if not joining:
             return state
         if self.owed_hidden:  # the joining rows owe nothing: settle the batch's debt first
-            self.model.draft(
+            self.model.fill_mtp_cache(
                 mx.concatenate(self.owed_first, axis=1),
                 mx.concatenate(self.owed_hidden, axis=1),
                 self.model.split_cache(self.caches)[1],
@@ -275,12 +275,11 @@ class BatchGenerator:
         h = model.hidden(pairs, backbone_cache)  # [B, 1, H]
         token1, logprobs1 = self._sample(model.lm_logits(h[:, -1]))
         if self._drafts():
-            m = model.draft(
-                mx.concatenate(self.owed_first + [token1[:, None]], axis=1),
-                mx.concatenate(self.owed_hidden + [h], axis=1),
-                mtp_cache,
-            )[:, -1:]
-            self.owed_hidden, self.owed_first = [], []
+            if self.owed_hidden:
+                model.fill_mtp_cache(mx.concatenate(self.owed_first, axis=1),
+                                     mx.concatenate(self.owed_hidden, axis=1), mtp_cache)
+                self.owed_hidden, self.owed_first = [], []
+            m = model.draft(token1[:, None], h, mtp_cache)
             token2, logprobs2 = self._sample(self.token2_head(m[:, -1]), token1[:, None])
             rows = [self.rows[uid] for uid in self.order]
             tau = mx.array([1.0 if r.draft == "never" else r.threshold for r in rows])

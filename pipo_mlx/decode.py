@@ -151,7 +151,7 @@ def generate_step(
     mask_pad = pad not in eos
     backbone_cache, mtp_cache = model.split_cache(cache.layers)
     # MTP entries owed by steps that skipped the head (and by the prompt's last
-    # pairs): backbone states and the token1 that followed each, drafted in one
+    # pairs): backbone states and the token1 that followed each, written in one
     # go by the next drafting step so that the MTP cache misses no position.
     owed_hidden: List[mx.array] = []
     owed_first: List[mx.array] = []
@@ -173,11 +173,13 @@ def generate_step(
         h = model.hidden(pair, backbone_cache)
         token1, logprobs1 = sample(model.lm_logits(h[:, -1]), history)
         if drafting:
-            hidden = mx.concatenate(owed_hidden + [h], axis=1)
-            firsts = mx.concatenate(owed_first + [token1[:, None]], axis=1)
-            owed_hidden.clear()
-            owed_first.clear()
-            m = model.draft(firsts, hidden, mtp_cache)[:, -1:]
+            if owed_hidden:
+                model.fill_mtp_cache(
+                    mx.concatenate(owed_first, axis=1), mx.concatenate(owed_hidden, axis=1), mtp_cache
+                )
+                owed_hidden.clear()
+                owed_first.clear()
+            m = model.draft(token1[:, None], h, mtp_cache)
             if history is not None:
                 history = mx.concatenate([history, token1])
             token2, logprobs2 = sample(token2_head(m[:, -1]), history)

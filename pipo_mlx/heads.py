@@ -67,17 +67,21 @@ class MTPHead(nn.Module):
         self.layers = layers  # full-attention decoder layers of the backbone's kind
         self.norm = nn.RMSNorm(h, eps=eps)
 
+    def inputs(self, token_embeddings: mx.array, hidden: mx.array) -> mx.array:
+        """What the first MTP layer reads: the two normed halves, folded by `fc`."""
+        x = mx.concatenate(
+            [self.pre_fc_norm_embedding(token_embeddings), self.pre_fc_norm_hidden(hidden)],
+            axis=-1,
+        )
+        return self.fc(x)
+
     def __call__(
         self,
         token_embeddings: mx.array,
         hidden: mx.array,
         cache: Optional[List[Any]] = None,
     ) -> mx.array:
-        x = mx.concatenate(
-            [self.pre_fc_norm_embedding(token_embeddings), self.pre_fc_norm_hidden(hidden)],
-            axis=-1,
-        )
-        x = self.fc(x)
+        x = self.inputs(token_embeddings, hidden)
         if x.shape[1] == 0:  # a single pair has no draft; attention can't take L = 0
             return self.norm(x)
         if cache is None:

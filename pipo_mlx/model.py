@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from .errors import PipoError
@@ -78,6 +79,11 @@ class PipoModel(nn.Module):
         """One decoder layer of the MTP head; each backbone says which kind."""
         raise NotImplementedError
 
+    @staticmethod
+    def cache_keys_values(layer: nn.Module, x: mx.array, cache: Any) -> None:
+        """Append what `layer`'s attention would cache for inputs `x`, and nothing else."""
+        raise NotImplementedError
+
     @property
     def pad_token_id(self) -> int:
         pad = self.args.pad_token_id
@@ -113,6 +119,21 @@ class PipoModel(nn.Module):
     ) -> mx.array:
         """MTP hidden state m from token1 ids [B, n] and backbone states [B, n, H]."""
         return self.mtp(self.embed(token1), hidden, cache)
+
+    def fill_mtp_cache(self, token1: mx.array, hidden: mx.array, cache: List[Any]) -> None:
+        """The MTP cache entries of positions whose drafts nobody reads (the prompt's,
+        and those of steps that skipped the MTP head): all layers but the last run
+        whole, the last only as far as its keys and values, about a fifth of its
+        weights (docs/design.md §5)."""
+        if hidden.shape[1] == 0:
+            return
+        x = self.mtp.inputs(self.embed(token1), hidden)
+        *inner, last = self.mtp.layers
+        if inner:
+            mask = create_attention_mask(x, cache[0])
+            for layer, c in zip(inner, cache):
+                x = layer(x, mask=mask, cache=c)
+        self.cache_keys_values(last, x, cache[-1])
 
     def confidence(self, hidden: mx.array, mtp_hidden: mx.array) -> mx.array:
         return self.confidence_head(hidden, mtp_hidden)

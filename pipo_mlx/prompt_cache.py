@@ -93,8 +93,7 @@ def prefill(
                 hidden = mx.concatenate([cache.last_hidden, h[:, :-1]], axis=1)
                 known = owed_firsts(cache.tokens, cache.last_hidden.shape[1])
                 firsts = mx.concatenate([mx.array([known], dtype=x.dtype), x[:, 0::2]], axis=1)
-            if hidden.shape[1]:
-                model.draft(firsts, hidden, mtp_cache)
+            model.fill_mtp_cache(firsts, hidden, mtp_cache)
             cache.last_hidden = h[:, -1:]
         mx.eval([c.state for c in cache.layers], cache.last_hidden)
         cache.tokens.extend(part)

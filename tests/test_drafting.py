@@ -274,3 +274,21 @@ def test_auto_is_reproducible_and_the_default(pipo):
     auto = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=40, conf_threshold=0.5,
                                              draft="auto")]
     assert runs[0] == runs[1] == auto
+
+
+def test_filling_the_mtp_cache_writes_what_drafting_writes(pipo):
+    """The owed entries are keys and values only; they must equal those a whole MTP
+    pass over the same positions leaves in the cache."""
+    model, _ = pipo
+    H = model.args.hidden_size
+    token1 = mx.array(random_ids(1, 7, seed=5))
+    hidden = mx.random.normal((1, 7, H), key=mx.random.key(1))
+    drafted, filled = model.make_cache()[-1:], model.make_cache()[-1:]
+    for cache in (drafted, filled):  # a history first, so offsets and RoPE matter
+        model.draft(token1[:, :3], hidden[:, :3], cache)
+    model.draft(token1[:, 3:], hidden[:, 3:], drafted)
+    model.fill_mtp_cache(token1[:, 3:], hidden[:, 3:], filled)
+    assert drafted[0].offset == filled[0].offset == 7
+    for name in ("keys", "values"):
+        a, b = (getattr(c[0], name)[..., :7, :] for c in (drafted, filled))
+        assert mx.allclose(a, b, atol=1e-5).item(), name

@@ -52,6 +52,18 @@ class Model(PipoModel, qwen3_5.TextModel):
         # interval is the full-attention kind, which is what the MTP layer is.
         return qwen3_5.DecoderLayer(args, args.full_attention_interval - 1)
 
+    @staticmethod
+    def cache_keys_values(layer: qwen3_5.DecoderLayer, x: mx.array, cache) -> None:
+        # mlx-lm's full-attention layer, up to its cache update: the keys are
+        # normed per head and rotated at the cache's offset, the values are not.
+        attn = layer.self_attn
+        x = layer.input_layernorm(x)
+        B, L, _ = x.shape
+        keys = attn.k_proj(x).reshape(B, L, attn.num_key_value_heads, -1)
+        keys = attn.rope(attn.k_norm(keys).transpose(0, 2, 1, 3), offset=cache.offset)
+        values = attn.v_proj(x).reshape(B, L, attn.num_key_value_heads, -1).transpose(0, 2, 1, 3)
+        cache.update_and_fetch(keys, values)
+
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         """An HF-layout state dict (either key layout) to this module's names.
 
