@@ -67,13 +67,14 @@ import numpy as np
 from pipo_mlx.backbones.qwen3_5 import fast_training
 from pipo_mlx.corpus import read_split
 from pipo_mlx.model_io import write_json_atomic
-from pipo_mlx.opd import last_real
+from pipo_mlx.quality import Progress, calibration, fastest_passing, score_generation
+from pipo_mlx.quality import acceptance, overlap  # noqa: F401 (this script's figures, tested through it)
+from pipo_mlx.quality import teacher_forced as teacher_forced_batch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"  # committed: the README quotes these files
 SCRATCH = REPO / "build" / "bench"  # git-ignored: smoke and partial runs
 THRESHOLDS = [-1.0, 0.5, 0.8, 0.9, 0.95]
-ECE_BINS = 10
 MAX_PROMPT_TOKENS = 256
 PAPER_SAMPLING = {"temp": 1.0, "top_p": 0.95, "top_k": 20, "presence_penalty": 1.5}
 PRESENCE_CONTEXT = 20  # tokens the presence penalty looks back over (mlx-lm's default)
@@ -90,61 +91,8 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-class Progress:
-    """Logs 'what: done/total, rate, ETA' at most every `every` seconds and at the end."""
-
-    def __init__(self, what: str, total: int, unit: str, every: float = 15.0):
-        self.what, self.total, self.unit, self.every = what, total, unit, every
-        self.done, self.start = 0, time.time()
-        self.last = self.start
-
-    def step(self, n: int = 1) -> None:
-        self.done += n
-        now = time.time()
-        if now - self.last >= self.every or self.done == self.total:
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            log(f"{self.what}: {self.done}/{self.total} {self.unit}, {rate:.2f}/s, "
-                + (f"ETA {eta:.0f} s" if self.done < self.total else f"{now - self.start:.0f} s"))
-            self.last = now
-
-
-# -- the figures, as pure functions (tests/test_eval_quality.py checks them)
-
-
-def overlap(logits_a: mx.array, logits_b: mx.array) -> np.ndarray:
-    """Per row, sum_v min(p_a(v), p_b(v)) = 1 - TV(p_a, p_b), softmax at temperature 1."""
-    a = mx.softmax(logits_a.astype(mx.float32), axis=-1)
-    b = mx.softmax(logits_b.astype(mx.float32), axis=-1)
-    return np.array(mx.minimum(a, b).sum(axis=-1))
-
-
-def logprob_at(logits: mx.array, tokens: mx.array) -> mx.array:
-    logits = logits.astype(mx.float32)
-    picked = mx.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
-    return picked - mx.logsumexp(logits, axis=-1)
-
-
-def acceptance(draft_logits: mx.array, target_logits: mx.array, tokens: mx.array) -> np.ndarray:
-    """Speculative sampling's acceptance of each drafted token y: min(1, p_target(y) / p_draft(y))."""
-    gap = logprob_at(target_logits, tokens) - logprob_at(draft_logits, tokens)
-    return np.array(mx.exp(mx.minimum(gap, 0.0)))
-
-
-def calibration(conf: np.ndarray, outcome: np.ndarray, bins: int = ECE_BINS) -> Tuple[float, List[dict]]:
-    """ECE (equal-width bins on [0, 1], weighted by their share) and the per-bin table."""
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    ece, table = 0.0, []
-    for b in range(bins):
-        sel = which == b
-        if not sel.any():
-            continue
-        c, o = float(conf[sel].mean()), float(outcome[sel].mean())
-        ece += sel.mean() * abs(c - o)
-        table.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(sel.sum()),
-                      "confidence": c, "observed": o})
-    return float(ece), table
+# -- the figures, as pure functions (tests/test_eval_quality.py checks them; overlap,
+# acceptance, calibration and the scoring passes are pipo_mlx.quality's)
 
 
 def indent_width(line: str) -> int:
@@ -217,12 +165,12 @@ def choose_threshold(rows: Dict[str, dict], base: dict) -> dict:
             fails.append(f"base NLL of its text {100 * (ratio - 1):.1f}% above that of the base's")
         candidates.append({"threshold": float(tau), "speedup": r["speedup"], "compile_gap": gap,
                            "nll_ratio": ratio, "passes": not fails, "fails": fails})
-    passing = [c for c in candidates if c["passes"]]
-    if not passing:
+    best = fastest_passing(candidates)
+    if best is None:
         return {"threshold": None, "faster_than_base": False, "candidates": candidates,
                 "reason": "no threshold keeps the quality within the margins of the base"}
-    best = max(passing, key=lambda c: (c["speedup"], c["threshold"]))
-    reason = (f"fastest of {len(passing)} passing threshold(s): {best['speedup']:.2f}x the base's tokens/s, "
+    passing = sum(c["passes"] for c in candidates)
+    reason = (f"fastest of {passing} passing threshold(s): {best['speedup']:.2f}x the base's tokens/s, "
               f"compile rate {-100 * best['compile_gap']:+.1f} points, NLL ratio {best['nll_ratio']:.3f}")
     if best["speedup"] < 1:
         reason += "; slower than the base itself, which is then the better choice"
@@ -289,25 +237,12 @@ def function_prompts(tokenizer, split: str, count: int) -> List[Prompt]:
 def teacher_forced(base: nn.Module, pipo: nn.Module, windows: np.ndarray, batch: int) -> Dict[str, Any]:
     """Per window and slot: the base's hits and NLL, PIPO's hits, confidence, p_mtp(true token2)
     and the agreement 1 - TV of its token1 / token2 distributions with the base's."""
-    keys = ("correct", "nll", "tok1", "tok2", "conf", "p_true", "agree1", "agree2")
-    out: Dict[str, list] = {k: [] for k in keys}
-    progress = Progress("teacher-forced windows", len(windows), "windows")
+    out: Dict[str, list] = {}
+    progress = Progress("teacher-forced windows", len(windows), "windows", log=log)
     for i in range(0, len(windows), batch):
-        ids = mx.array(windows[i : i + batch])
-        b = base(ids[:, :-1]).astype(mx.float32)  # b[:, j] predicts t[j + 1]
-        targets = ids[:, 1:]
-        out["nll"].append(np.array(nn.losses.cross_entropy(b, targets)))
-        out["correct"].append(np.array(b.argmax(-1) == targets))
-        o = pipo(ids)
-        logits, mtp = o.logits[:, :-1].astype(mx.float32), o.mtp_logits.astype(mx.float32)
-        t1, t2 = ids[:, 2::2], ids[:, 3::2]
-        out["tok1"].append(np.array(logits.argmax(-1) == t1))
-        out["tok2"].append(np.array(mtp.argmax(-1) == t2))
-        out["conf"].append(np.array(mx.sigmoid(o.confidence.astype(mx.float32))))
-        out["p_true"].append(np.array(mx.exp(logprob_at(mtp, t2))))
-        out["agree1"].append(overlap(logits, b[:, 1::2]))  # slot 2i+2: base output 2i+1
-        out["agree2"].append(overlap(mtp, b[:, 2::2]))  # slot 2i+3: base output 2i+2
-        progress.step(len(ids))
+        for k, v in teacher_forced_batch(base, pipo, mx.array(windows[i : i + batch])).items():
+            out.setdefault(k, []).append(v)
+        progress.step(len(windows[i : i + batch]))
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -393,7 +328,7 @@ def generate_all(models: dict, tokenizer, prompts: List[Prompt], sides: List[str
     for side in sides:  # warm-up: first-call allocations stay out of the timings
         generate_one(models, tokenizer, side, prompts[0].ids, 4, decoding_kwargs(mode, args.sampling))
     samples: Dict[str, List[Sample]] = {s: [] for s in sides}
-    progress = Progress(f"{mode} generation", len(prompts) * len(sides), "generations")
+    progress = Progress(f"{mode} generation", len(prompts) * len(sides), "generations", log=log)
     for k, prompt in enumerate(prompts):
         for side in sides[k % len(sides):] + sides[: k % len(sides)]:
             mx.random.seed(args.seed + k)
@@ -406,24 +341,7 @@ def generate_all(models: dict, tokenizer, prompts: List[Prompt], sides: List[str
 def score(models: dict, prompt: Prompt, s: Sample, pad: int) -> None:
     """Teacher-forced at temperature 1: the base's NLL of the generated tokens and, for PIPO,
     (c, α) of each kept token2, its distribution from the MTP pass over the exact pair layout."""
-    ids = prompt.ids + s.tokens
-    b = models["base"](mx.array(ids)[None])[0]
-    n = len(prompt.ids)
-    s.scores["nll"] = -np.array(logprob_at(b[n - 1 : -1], mx.array(s.tokens)))
-    if s.row is None:
-        return
-    row = s.row
-    real = row[row != pad]
-    assert real.tolist() == ids, "the prompt cache does not hold the prompt and the generated tokens"
-    start = n + n % 2
-    slots = np.array([p for p in range(start + 1, len(row), 2) if row[p] != pad], dtype=np.int64)
-    s.scores["conf"], s.scores["alpha"] = np.zeros(0), np.zeros(0)
-    if len(slots):
-        o = models["pipo"](mx.array(row)[None])
-        pairs = mx.array((slots - 3) // 2)
-        s.scores["conf"] = np.array(mx.sigmoid(o.confidence[0, pairs].astype(mx.float32)))
-        s.scores["alpha"] = acceptance(o.mtp_logits[0, pairs], b[mx.array(last_real(row, pad)[slots] - 1)],
-                                       mx.array(row[slots]))
+    s.scores.update(score_generation(models["base"], models["pipo"], prompt.ids, s.tokens, s.row, pad))
 
 
 def agreement(a: List[int], b: List[int]) -> Tuple[float, int]:
@@ -725,7 +643,7 @@ def main(argv: "List[str] | None" = None) -> None:
     sides = ["base"] + list(dict.fromkeys(str(t) for t in args.thresholds))
     for mode in MODES:
         samples = generate_all(models, tokenizer, prompts, sides, mode, args)
-        progress = Progress(f"{mode} scoring", len(prompts) * len(sides), "samples")
+        progress = Progress(f"{mode} scoring", len(prompts) * len(sides), "samples", log=log)
         base.train(), pipo.train()
         with fast_training(base), fast_training(pipo):
             for side in sides:

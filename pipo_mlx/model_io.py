@@ -104,8 +104,21 @@ def save_folder(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON under a temporary name and rename it into place."""
+def write_json_atomic(path: Path, data: dict, indent: int = 2) -> None:
+    """Write JSON under a temporary name in the same folder and rename it over `path`:
+    readers, and a failure at any point, see the old file or the new one, never a mix,
+    and no temporary file stays behind."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # Ctrl-C included
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise PipoError(f"cannot write {path} ({e.strerror or e}); it is unchanged") from None
+        raise

@@ -47,7 +47,7 @@ def _conversation(record: dict, where: str) -> list:
     return messages
 
 
-def _encode(record: Any, tokenizer: TokenizerWrapper, where: str) -> List[int]:
+def encode_prompt(record: Any, tokenizer: TokenizerWrapper, where: str) -> List[int]:
     if not isinstance(record, dict):
         raise PipoError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     tools = record.get("tools")
@@ -74,7 +74,7 @@ def _encode(record: Any, tokenizer: TokenizerWrapper, where: str) -> List[int]:
 def read_prompts(path: Path, tokenizer: TokenizerWrapper) -> List[Prompt]:
     """The prompts of a JSONL file in `pipo_mlx.data`'s formats; any answer is dropped."""
     prompts = [
-        Prompt(record, _encode(record, tokenizer, where), lineno)
+        Prompt(record, encode_prompt(record, tokenizer, where), lineno)
         for lineno, where, record in read_jsonl(Path(path), "prompts")
     ]
     if not prompts:
