@@ -16,7 +16,9 @@ default test), never seen by the tokenizer, pretraining or head training.
 2. Generation from --prompts function starts (signature and docstring) for
    --gen-tokens new tokens, base (mlx-lm) and PIPO at each --thresholds τ, in two
    modes: "sampled" (the paper's temperature 1.0, top-p 0.95, top-k 20,
-   presence penalty 1.5) and "greedy". Per τ: keep rate, tokens per step, the
+   presence penalty 1.5) and "greedy". Each τ drafts at every step; a "default"
+   side passes no threshold or drafting option (the model's stored threshold,
+   adaptive drafting), as a user runs it. Per τ: keep rate, tokens per step, the
    mean acceptance α = min(1, p_base(y) / p_pipo(y)) of kept token2s y (both
    raw, temperature 1, teacher-forced over the exact generated pair layout).
 3. Calibration: the confidence c = sigmoid(head) of each drafted token2 against
@@ -38,7 +40,7 @@ default test), never seen by the tokenizer, pretraining or head training.
 Writes eval_quality.json, reliability.png and speed_quality.png (plots need
 matplotlib). JSON: models, split, settings (sampling, criteria), machine,
 test_tokens (held-out tokens scored teacher-forced), base, pipo (step 1),
-sampled and greedy ({prompts, tokens, base, by_threshold: {τ: ...}}),
+sampled and greedy ({prompts, tokens, base, by_threshold: {τ: ...}, default}),
 calibration, recommended.
 
 Defaults (256 windows of 256 tokens, 32 prompts x 64 new tokens, 5 thresholds,
@@ -85,6 +87,9 @@ COMPILE_MARGIN = 0.03  # compile rate may trail the base's by at most 3 points
 NLL_MARGIN = 0.05  # base NLL of PIPO's text at most 5% above that of the base's own text
 SELECTION_MODE = "sampled"
 MODES = ("sampled", "greedy")
+# PIPO as a user runs it, with no threshold or drafting option: the model's stored
+# threshold and adaptive drafting (docs/design.md §5); reported beside the thresholds.
+DEFAULT_SIDE = "default"
 
 
 def log(msg: str) -> None:
@@ -315,8 +320,11 @@ def generate_one(models: dict, tokenizer, side: str, prompt: List[int], n: int, 
             tokens.append(r.token)
         return Sample(tokens, time.perf_counter() - tic, tokens[-1] in eos)
     cache = make_prompt_cache(models["pipo"])
-    for r in stream_generate(models["pipo"], tokenizer, prompt, max_tokens=n, conf_threshold=float(side),
-                             prompt_cache=cache, **kwargs):
+    # A threshold drafts at every step, so that it alone decides; the default side
+    # passes nothing, as a user does: the stored threshold and adaptive drafting.
+    pipo_options = {} if side == DEFAULT_SIDE else {"conf_threshold": float(side), "draft": "always"}
+    for r in stream_generate(models["pipo"], tokenizer, prompt, max_tokens=n, prompt_cache=cache,
+                             **pipo_options, **kwargs):
         tokens.append(r.token)
     seconds = time.perf_counter() - tic
     return Sample(tokens, seconds, tokens[-1] in eos, r.steps, r.token2_kept, np.array(cache.tokens))
@@ -365,7 +373,7 @@ def summarise(prompts: List[Prompt], samples: Dict[str, List[Sample]], tokenizer
                             for p, t, c in list(zip(prompts, texts, ok))[:2]]}
 
     base = quality("base")
-    by_threshold = {}
+    by_threshold, default = {}, None
     for side in samples:
         if side == "base":
             continue
@@ -383,14 +391,19 @@ def summarise(prompts: List[Prompt], samples: Dict[str, List[Sample]], tokenizer
             pairs = [agreement(b.tokens, s.tokens) for s, b in zip(ss, bs)]
             r["agreement"] = float(np.mean([a for a, _ in pairs]))
             r["common_prefix_tokens"] = float(np.mean([p for _, p in pairs]))
-        by_threshold[side] = r
-    return {"prompts": len(prompts), "tokens": n, "base": base, "by_threshold": by_threshold}
+        if side == DEFAULT_SIDE:
+            default = r
+        else:
+            by_threshold[side] = r
+    return {"prompts": len(prompts), "tokens": n, "base": base, "by_threshold": by_threshold,
+            "default": default}
 
 
 def generated_calibration(samples: Dict[str, List[Sample]]) -> Optional[dict]:
     """c against realized α of drafted token2s: the keep-all runs, else every kept draft."""
-    keep_all = [s for s in samples if s != "base" and float(s) < 0]
-    source = keep_all[:1] or [s for s in samples if s != "base"]
+    drafted = [s for s in samples if s not in ("base", DEFAULT_SIDE)]
+    keep_all = [s for s in drafted if float(s) < 0]
+    source = keep_all[:1] or drafted
     conf = np.concatenate([x.scores.get("conf", np.zeros(0)) for s in source for x in samples[s]])
     alpha = np.concatenate([x.scores.get("alpha", np.zeros(0)) for s in source for x in samples[s]])
     if not conf.size:
@@ -517,7 +530,7 @@ def print_table(r: dict) -> None:
         m = r[mode]["base"]
         rows.append((f"{mode} base: compile / NLL / tok/s",
                      f"{m['compile_rate']:.3f} / {m['nll']:.3f} / {m['tokens_per_s']:.1f}"))
-        for t, x in r[mode]["by_threshold"].items():
+        for t, x in [*r[mode]["by_threshold"].items(), (DEFAULT_SIDE, r[mode]["default"])]:
             rows.append((f"{mode} τ={t}: compile / NLL ratio / speedup / keep / tok/step / α",
                          f"{x['compile_rate']:.3f} / {x['nll_ratio']:.3f} / {x['speedup']:.2f}x / "
                          f"{x['keep_rate']:.3f} / {x['tokens_per_step']:.2f} / {fmt(x['alpha'])}"))
@@ -640,7 +653,7 @@ def main(argv: "List[str] | None" = None) -> None:
                "test_tokens": int(windows.size)}
     results["base"], results["pipo"] = teacher_forced_summary(q, args.thresholds)
 
-    sides = ["base"] + list(dict.fromkeys(str(t) for t in args.thresholds))
+    sides = ["base"] + list(dict.fromkeys(str(t) for t in args.thresholds)) + [DEFAULT_SIDE]
     for mode in MODES:
         samples = generate_all(models, tokenizer, prompts, sides, mode, args)
         progress = Progress(f"{mode} scoring", len(prompts) * len(sides), "samples", log=log)

@@ -284,12 +284,14 @@ def test_a_failure_midway_leaves_the_old_config(model, prompts, capsys, monkeypa
     assert not [p.name for p in model.iterdir() if ".tmp" in p.name]
 
 
-def test_a_dry_run_writes_nothing(model, prompts, capsys, committed):  # noqa: F811 (fixture)
+def test_a_dry_run_writes_nothing(model, prompts, capsys, committed, tmp_path):  # noqa: F811 (fixture)
     files = {p.name: p.read_bytes() for p in model.iterdir()}
+    plot = tmp_path / "curve.png"
     code, out, err = cli(capsys, "--model", model, "--prompts", prompts, "--max-tokens", "6", "--thresholds",
-                         "0.9", "--dry-run")
+                         "0.9", "--dry-run", "--plot", plot)
     assert code == 0, err
     assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+    assert plot.read_bytes().startswith(b"\x89PNG")  # only the plot asked for
     assert committed.changed() == [], "a calibration run wrote into benchmarks/results"
     assert "| keep all" in out and "recommended τ" in out and "dry run: nothing written" in err
     assert "generation: " in err and "/s" in err  # progress with its rate

@@ -304,7 +304,7 @@ def test_tiny_end_to_end_run(tmp_path, committed):
         assert 0 <= m["base"]["compile_rate"] <= 1 and m["base"]["nll"] > 0 and m["base"]["tokens_per_s"] > 0
         keep_all = m["by_threshold"]["-1.0"]
         assert keep_all["keep_rate"] > 0.5 and keep_all["tokens_per_step"] > 1.5 and 0 < keep_all["alpha"] <= 1
-        for x in m["by_threshold"].values():
+        for x in [*m["by_threshold"].values(), m["default"]]:
             assert x["speedup"] > 0 and x["nll_ratio"] == pytest.approx(x["nll"] / m["base"]["nll"])
     assert "agreement" in r["greedy"]["by_threshold"]["0.9"]
     cal = r["calibration"]
@@ -312,7 +312,8 @@ def test_tiny_end_to_end_run(tmp_path, committed):
     assert sum(b["n"] for b in cal["bins"]) == cal["drafts"]
     rec = r["recommended"]
     assert rec["chosen_on"] == "test" and {c["threshold"] for c in rec["candidates"]} == {-1.0, 0.9}
-    assert "sampled generation: 6/6 generations" in done.stdout  # progress: count, rate, time
+    # progress: count, rate, time; base, two thresholds and the default settings, two prompts
+    assert "sampled generation: 8/8 generations" in done.stdout
     pngs = {p.name for p in tmp_path.iterdir() if p.suffix == ".png"}
     try:
         import matplotlib  # noqa: F401

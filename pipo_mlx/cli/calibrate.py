@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -83,6 +84,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--dry-run", "--no-write", action="store_true", help="print the results, write nothing"
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON, not a table")
+    parser.add_argument(
+        "--plot", metavar="PNG",
+        help="also draw the speed-quality curve (speed against the base and the base NLL of "
+        "PIPO's text, per τ) into this PNG file; needs matplotlib",
+    )
     return parser
 
 
@@ -139,6 +145,41 @@ def print_table(r: dict) -> None:
     print(f"recommended τ: {rec['threshold']} ({rec['reason']})")
 
 
+def plot_curve(r: dict, path: Path) -> None:
+    """Speed against the base and the base's NLL of the text against keep-none's, per τ."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PipoError("--plot needs matplotlib (pip install matplotlib)") from None
+    taus = sorted(r["by_threshold"], key=float)
+    rows = [r["by_threshold"][t] for t in taus]
+    labels = ["keep all" if float(t) < 0 else "keep none" if float(t) >= 1 else t for t in taus]
+    fig, speed = plt.subplots(figsize=(7, 4))
+    x = range(len(taus))
+    speed.plot(x, [row["speedup"] for row in rows], "o-", color="tab:blue", label="speed vs base")
+    speed.axhline(1.0, color="gray", lw=0.8, ls=":")
+    speed.set_xticks(list(x), labels)
+    speed.set_xlabel("confidence threshold τ (drafting every step)")
+    speed.set_ylabel("decode speed / base's", color="tab:blue")
+    nll = speed.twinx()
+    nll.plot(x, [100 * row["nll_increase"] for row in rows], "^-", color="tab:red", label="NLL vs keep-none")
+    nll.axhline(100 * r["settings"]["max_nll_increase"], color="tab:red", lw=0.8, ls="--")
+    nll.set_ylabel("base NLL of PIPO's text, % above keep-none", color="tab:red")
+    chosen = r["recommended"]["threshold"]
+    if chosen is not None:
+        i = [float(t) for t in taus].index(chosen)
+        speed.plot([i], [rows[i]["speedup"]], "s", ms=12, mfc="none", color="black", label=f"chosen τ={chosen}")
+    speed.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def run(args: argparse.Namespace) -> None:
     check_args(args)
     settings = Settings(
@@ -164,6 +205,9 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps(results, indent=1, ensure_ascii=False))
     else:
         print_table(results)
+    if args.plot:
+        plot_curve(results, Path(args.plot).expanduser())
+        log(f"wrote {args.plot}")
     if args.dry_run:
         log("dry run: nothing written")
         return
