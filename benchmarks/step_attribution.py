@@ -26,8 +26,9 @@ and their order rotated), with the compressor bound (B + E) / (B + E + C)
 beside the ratio. Models: the shipped demo (against mlx-lm on its own arrays),
 the random 80M config of bench_decode.py, and the Qwen3.5-4B geometry of
 real_size.py (random weights, float32, --layers-4b layers; 32 needs about
-18 GB). Writes benchmarks/results/step_attribution.json on a full run, else
-build/bench/.
+18 GB; a step takes over a second here, so it runs 4 steps per part, 3 repeats
+and loops of 16 tokens). Writes benchmarks/results/step_attribution.json on a
+full run, else build/bench/.
 """
 
 import argparse
@@ -54,6 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "step_attribution.json"
 SCRATCH = REPO / "build" / "bench" / "step_attribution.json"
 PROMPT = 64
+# The 4B geometry at over a second per step: fewer steps, repeats and tokens.
+FOUR_B = {"steps": 4, "repeats": 3, "tokens": 16, "loop_repeats": 3}
 
 
 def model_4b(layers: int):
@@ -166,10 +169,13 @@ def loops(model, base, prompt, n: int, repeats: int) -> Dict[str, Any]:
 
 
 def measure(name: str, model, args) -> Dict[str, Any]:
+    if name == "4B":
+        args = argparse.Namespace(**{**vars(args), **FOUR_B})
     base = baseline_of(model)
     w = weight_bytes(model)
     prompt = random_prompt(model.args.vocab_size, PROMPT, 0)
-    out = {"model": name, "weight_bytes": w,
+    out = {"model": name, "weight_bytes": w, "steps": args.steps, "repeats": args.repeats,
+           "tokens": args.tokens, "loop_repeats": args.loop_repeats,
            "compressor_bound": (w["B"] + w["E"]) / (w["B"] + w["E"] + w["C"])}
     out["parts"] = attribute(model, base, prompt, args.steps, args.repeats)
     out["loop"] = loops(model, base, prompt, args.tokens, args.loop_repeats)
