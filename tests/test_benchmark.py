@@ -77,7 +77,7 @@ def test_cli_measures_both_sides_and_writes_only_where_told(
     assert r["settings"]["prompt_tokens"] == [8, 16] and r["settings"]["thresholds"] == [-1.0, 1.0]
     rows = {row["setting"]: row for row in r["decode"]}
     assert list(rows) == ["mlx-lm", "default (τ=0.95, draft=auto)", "τ=-1, draft=always",
-                          "τ=1 (keep none)"]
+                          "τ=-1, draft=auto", "τ=1 (keep none)"]
     for row in rows.values():
         assert row["tokens"] == 6  # no early stop on either side
         assert row["tokens_per_s"] > 0 and row["peak_memory_gb"] > 0
@@ -85,6 +85,7 @@ def test_cli_measures_both_sides_and_writes_only_where_told(
     assert rows["mlx-lm"]["ratio_to_mlx_lm"] == 1.0 and rows["mlx-lm"]["side"] == "mlx-lm"
     assert rows["τ=-1, draft=always"]["tokens_per_step"] == 2.0
     assert rows["τ=-1, draft=always"]["keep_rate"] == 1.0
+    assert rows["τ=-1, draft=auto"]["tokens_per_step"] == 2.0  # every draft kept: it never stops
     assert rows["τ=1 (keep none)"]["tokens_per_step"] == 1.0
     assert rows["default (τ=0.95, draft=auto)"]["draft"] == "auto"
     assert [t["prompt_tokens"] for t in r["ttft"]] == [8, 16]

@@ -42,8 +42,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         description="Measure a PIPO model against mlx-lm decoding its base model, side by "
         "side in one run: time to first token at each prompt length, and decoding "
         "tokens/s at the default settings (adaptive drafting) and at chosen confidence "
-        "thresholds (drafting every step), with tokens per step, token2 keep rate, peak "
-        "memory and the ratio to mlx-lm. Both sides generate exactly the same number of "
+        "thresholds (drafting every step, and adaptively), with tokens per step, token2 "
+        "keep rate, peak memory and the ratio to mlx-lm. Both sides generate exactly the same number of "
         "tokens with stream_generate (no end-of-sequence), runs alternate within each "
         "trial, and every figure is the median over the trials. Where decoding is bound "
         "by reading weights, keep-none (threshold 1) is at most (B+E)/(B+E+C) of "
@@ -74,8 +74,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--thresholds",
-        help="confidence thresholds to measure with drafting on every step, comma-separated; "
-        "1 or more keeps no token2 and skips the draft (default: the model's stored "
+        help="confidence thresholds to measure, each with drafting on every step and with "
+        "adaptive drafting, comma-separated; 1 or more keeps no token2 and skips the draft (default: the model's stored "
         "threshold, else 0.95, and 1; write --thresholds=-1,0.5 when the first is negative)",
     )
     parser.add_argument(
@@ -195,8 +195,12 @@ def decode_rows(
     default = recommended_threshold(model)
     settings: Dict[str, Dict[str, Any]] = {f"default (τ={default:g}, draft=auto)": {}}
     for t in thresholds:
-        label = f"τ={t:g} (keep none)" if t >= 1 else f"τ={t:g}, draft=always"
-        settings[label] = {"conf_threshold": t, "draft": "always"}
+        if t >= 1:
+            settings[f"τ={t:g} (keep none)"] = {"conf_threshold": t, "draft": "always"}
+            continue
+        # τ alone deciding, and the adaptive policy on top of it
+        for mode in ("always", "auto"):
+            settings[f"τ={t:g}, draft={mode}"] = {"conf_threshold": t, "draft": mode}
     sides = {"mlx-lm": mlx_lm_side(base, base_tokenizer, prompt)}
     sides.update({k: pipo_side(model, tokenizer, prompt, **o) for k, o in settings.items()})
 
