@@ -16,7 +16,7 @@ per repeat, the parts interleaved within a repeat; medians over `--repeats`:
   compressed pair (PIPO);
 * `input`: one embedding row (mlx-lm) / two rows and the compressor (PIPO);
 * `head`: LM head, PAD mask (PIPO), log-softmax and argmax;
-* `bookkeeping`: PIPO's gate, budget and next-pair arrays of a keep-none step;
+* `bookkeeping`: the next pair of a keep-none step, (token1, PAD);
 * `build`: host time spent building a step's graph (overlapped with the
   previous step's evaluation when decoding is pipelined).
 
@@ -90,17 +90,15 @@ def parts(model, base) -> Dict[str, Callable]:
     def base_step(bc, pc, i):
         return head(base(mx.array([[token(i)]]), cache=bc)[:, -1, :], False)
 
+    pad_id = mx.array([pad], dtype=mx.int32)
+
     def pipo_step(bc, pc, i):
         h = model.hidden(mx.array([[token(i), pad]]), pc)
         token1, logprobs = head(model.lm_logits(h[:, -1]), True)
         return bookkeeping_of(token1.astype(mx.int32)) + [logprobs]
 
-    def bookkeeping_of(token1):
-        token2, keep = mx.full(token1.shape, pad, token1.dtype), mx.zeros_like(token1, dtype=mx.bool_)
-        remaining = mx.array([1000]) - 1
-        keep = keep & (remaining > 0)
-        out = mx.concatenate([token1, token2, keep.astype(token1.dtype)])
-        return [out, mx.stack([token1, mx.where(keep, token2, pad)], axis=1), remaining - keep]
+    def bookkeeping_of(token1):  # a step that does not draft: the next pair is (token1, PAD)
+        return [token1, mx.concatenate([token1, pad_id])[None]]
 
     h = mx.random.normal((1, model.args.hidden_size))
     return {

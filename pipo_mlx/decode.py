@@ -93,7 +93,7 @@ def check_request(model: PipoModel, ids: List[int], max_tokens: int, held: int =
 
 
 class _Step(NamedTuple):
-    out: mx.array  # [token1, token2, keep]: the only array the host reads
+    out: mx.array  # [token1, token2, keep] ([token1] if not drafted): what the host reads
     pair: mx.array  # [1, 2]: what the next step reads, token2 gated into PAD
     hidden: mx.array  # [1, 1, H]: backbone state at this step's position
     remaining: Optional[mx.array]  # token budget left after this step
@@ -149,6 +149,7 @@ def generate_step(
     eos = sorted(set(eos_token_ids))
     eos_ids = mx.array(eos) if eos else None
     mask_pad = pad not in eos
+    pad_id = mx.array([pad], dtype=mx.int32)
     backbone_cache, mtp_cache = model.split_cache(cache.layers)
     # MTP entries owed by steps that skipped the head (and by the prompt's last
     # pairs): backbone states and the token1 that followed each, written in one
@@ -188,11 +189,16 @@ def generate_step(
             else:
                 keep = mx.ones_like(token1, dtype=mx.bool_)
         else:
+            # Nothing to gate: the next pair is (token1, PAD) and the host reads
+            # token1 alone. The budget is still counted on the device only when a
+            # later step may draft (each op costs about 1% of a small model's step).
             if use_mtp:
                 owed_hidden.append(h)
                 owed_first.append(token1[:, None])
-            token2, logprobs2 = mx.full(token1.shape, pad, token1.dtype), None
-            keep = mx.zeros_like(token1, dtype=mx.bool_)
+            if remaining is not None:
+                remaining = remaining - 1
+            next_pair = mx.concatenate([token1, pad_id])[None]
+            return _Step(token1, next_pair, h, remaining, (logprobs1, None), False)
         # The host drops token2 after an EOS token1 or past the budget; the pair
         # the backbone reads next must drop it too, on the device.
         if eos_ids is not None:
@@ -203,7 +209,7 @@ def generate_step(
             remaining = remaining - keep
         out = mx.concatenate([token1, token2, keep.astype(token1.dtype)])
         next_pair = mx.stack([token1, mx.where(keep, token2, pad)], axis=1)
-        return _Step(out, next_pair, h, remaining, (logprobs1, logprobs2), drafting)
+        return _Step(out, next_pair, h, remaining, (logprobs1, logprobs2), True)
 
     def drafts() -> bool:
         """Whether the step about to be built runs the MTP head."""
@@ -222,7 +228,8 @@ def generate_step(
         cache.last_hidden = None
         cache.tokens.extend(ids[-2:])
         history = mx.array(cache.tokens) if logits_processors else None
-        budget = mx.array([max_tokens]) if max_tokens > 0 else None
+        # On the device only to drop a token2 past the budget; without drafts, the host counts.
+        budget = mx.array([max_tokens]) if max_tokens > 0 and use_mtp else None
         current = last = step(mx.array([ids[-2:]]), history, budget, drafts())
         queue(current)
         produced = 0
@@ -232,10 +239,12 @@ def generate_step(
                     history = mx.concatenate([history, current.pair[0]])
                 last = step(current.pair, history, current.remaining, drafts())
                 queue(last)
-                token1, token2, keep = current.out.tolist()
                 if current.drafted:
+                    token1, token2, keep = current.out.tolist()
                     keep_rate.observe(bool(keep))
                     schedule.observe(bool(keep))
+                else:
+                    (token1,), token2, keep = current.out.tolist(), pad, 0
                 cache.tokens += [token1, token2 if keep else pad]
                 produced += 1
                 yield token1, current.logprobs[0], False
