@@ -308,8 +308,12 @@ class BatchGenerator:
         "always", else by the mean keep rate of the "auto" rows (docs/design.md §12)."""
         rows = [self.rows[uid] for uid in self.order]
         forced = any(r.draft == "always" and r.threshold < 1 for r in rows)
-        rates = [r.keep_rate.value for r in rows if r.draft == "auto" and r.threshold < 1]
-        return self.schedule.decide(rates, forced)
+        voters = [r.keep_rate for r in rows if r.draft == "auto" and r.threshold < 1]
+        drafting = self.schedule.decide([v.value for v in voters], forced)
+        if not drafting:
+            for v in voters:
+                v.relax(self.schedule.cost)
+        return drafting
 
     def next(self) -> List[BatchResponse]:
         """One decode step of every row: each yields one or two tokens (none on the first call

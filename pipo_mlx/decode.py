@@ -213,7 +213,10 @@ def generate_step(
 
     def drafts() -> bool:
         """Whether the step about to be built runs the MTP head."""
-        return use_mtp and schedule.decide([keep_rate.value], forced=mode == "always")
+        drafting = use_mtp and schedule.decide([keep_rate.value], forced=mode == "always")
+        if not drafting:
+            keep_rate.relax(schedule.cost)
+        return drafting
 
     def queue(s: _Step) -> None:
         mx.async_eval(s.out, *(lp for lp in s.logprobs if lp is not None))

@@ -30,6 +30,10 @@ EMA_WEIGHT = 1 / 16
 # break-even rate and starts again only above break-even, so that the noise of
 # a few kept or dropped drafts near break-even does not flip it back and forth.
 STOP_BELOW = 0.5
+# While drafting is off the estimate goes stale: each plain step moves it this
+# far back toward break-even, so that after a while one kept probe is enough
+# to start drafting again, and one dropped probe keeps it off.
+RELAX_WEIGHT = 1 / 32
 # While drafting is off, a drafting step (a probe) every PROBE_MIN plain steps
 # at first, twice as far apart after each probe that keeps nothing, at most
 # PROBE_MAX; a kept probe brings the gap back to PROBE_MIN.
@@ -87,6 +91,10 @@ class KeepRate:
 
     def observe(self, kept: bool) -> None:
         self.value += (float(kept) - self.value) * EMA_WEIGHT
+
+    def relax(self, cost: float) -> None:
+        """A step that did not draft: no news, so trust the estimate a little less."""
+        self.value += (cost - self.value) * RELAX_WEIGHT
 
 
 class DraftSchedule:

@@ -60,6 +60,8 @@ def simulate(cost, keeps, steps=3000):
     drafted, pending = [], None
     for i in range(steps):
         d = schedule.decide([rate.value])
+        if not d:
+            rate.relax(cost)
         kept = d and keeps(i)
         tokens += 1 + kept
         time += 1 + cost * d
