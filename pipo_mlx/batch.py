@@ -134,7 +134,8 @@ class BatchGenerator:
         if cache.tokens != ids[: len(cache.tokens)] or len(cache.tokens) > len(ids) - 2:
             raise PipoError("the prompt cache does not hold a prefix of this prompt")
         with mx.stream(generation_stream):
-            # Every row runs the MTP head, whatever its threshold: the batch is one graph.
+            # Every row's prompt fills the MTP cache, whatever its threshold: the batch
+            # drafts or not as a whole.
             prefill(self.model, cache, ids[len(cache.tokens) : -2], self.chunk, True)
             _, mtp_cache = self.model.split_cache(cache.layers)
             if cache.last_hidden is not None:  # the prompt's last MTP positions, owed until now

@@ -3,9 +3,10 @@
 The shape follows mlx-lm: `generate_step` yields token ids, `stream_generate`
 yields `GenerationResponse`s, `generate` returns the text. Every decode step is
 one lazy graph: compress the last pair, one backbone position, sample token1,
-one MTP position on embed(token1), sample token2, gate token2 into PAD. It is
-evaluated once, and the next step is queued with `mx.async_eval` before the
-host reads this step's tokens, so the device never waits for Python.
+and, when the step drafts (`drafting.py` decides), one MTP position on
+embed(token1), sample token2, gate token2 into PAD. It is evaluated once, and
+the next step is queued with `mx.async_eval` before the host reads this
+step's tokens, so the device never waits for Python.
 
 Two rules the paper leaves open are decided here (docs/design.md §4): logits
 processors see every token the backbone has read or is about to read, PADs
@@ -27,9 +28,9 @@ from mlx_lm.generate import GenerationResponse, generation_stream, wired_limit
 from mlx_lm.sample_utils import LogitsProcessor, Sampler, greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .drafting import DraftSchedule, KeepRate, check_draft, draft_cost
 from .errors import PipoError
 from .model import PipoModel
-from .drafting import DraftSchedule, KeepRate, check_draft, draft_cost
 from .prompt_cache import PromptCache, make_prompt_cache, owed_firsts, pair_up, prefill
 from .token2_head import DEFAULT_TOKEN2_HEAD, Token2Head, make_token2_head
 

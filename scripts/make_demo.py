@@ -21,11 +21,12 @@ redo it; an interrupted pretraining run resumes from its last checkpoint):
                  whole distribution at every slot of those answers
   8. opd         `train_heads.py --stage opd --teacher base`: on-policy
                  distillation toward the base (docs/design.md §7), then fused
-  9. threshold   `benchmarks/eval_quality.py --split valid` picks the fastest
-                 threshold whose quality stays with the base's; it is stored
-                 in the model's config (the test split is never used here)
- 10. ship        8-bit copies of the base model (an mlx-lm folder) and the
+  9. ship        8-bit copies of the base model (an mlx-lm folder) and the
                  PIPO model into --out
+ 10. calibrate   `pipo_mlx.calibrate` of the shipped pair on valid-split
+                 function starts stores the fastest threshold within 5% of
+                 keep-none's quality, and the measured draft cost, in the
+                 model's config (the test split is never used here)
 
 Why a script and not a package module: it is run once per release, drives the
 repository's CLIs as a user would, and its only reusable piece (the corpus
@@ -391,23 +392,16 @@ def write_prompts(work: Path, tokenizer, prompt_tokens: int, counts: Dict[str, i
         log(f"prompts: {len(picked)} {split} records of {len(openings)} openings")
 
 
-def choose_threshold(work: Path, fused: Path, prompts: int) -> float:
-    """The eval's recommended threshold on the valid split, stored in the model's config."""
-    out = work / "threshold"
-    run_tool([
-        "benchmarks/eval_quality.py", "--pipo", str(fused), "--base", str(work / "base"),
-        "--split", "valid", "--prompts", str(prompts), "--out", str(out),
-    ])
-    recommended = json.loads((out / "eval_quality.json").read_text())["recommended"]
-    choice = recommended["threshold"]
-    log(f"threshold choice on the valid split: {choice} ({recommended['reason']})")
-    if choice is None:  # none kept the base's quality: the paper's gate, stated explicitly
-        choice = 0.95
-    config = json.loads((fused / "config.json").read_text())
-    config["pipo"]["conf_threshold"] = choice
-    write_json_atomic(fused / "config.json", config)
-    log(f"recommended threshold {choice} stored in {fused / 'config.json'}")
-    return choice
+def calibrate_shipped(work: Path, out: Path, prompts: int) -> None:
+    """The stored threshold and draft cost: pipo_mlx.calibrate of the shipped 8-bit model
+    against the shipped base, on function starts of the valid split, at the paper's
+    temperature, top-p and top-k (speeds are those of the models users get)."""
+    valid = work / "calibration" / "valid.jsonl"
+    run_tool(["scripts/demo_prompts.py", "--split", "valid", "--count", str(prompts),
+              "--model", str(out / "pipo-stdlib"), "--out", str(valid)])
+    run_tool(["-m", "pipo_mlx.calibrate", "--model", str(out / "pipo-stdlib"), "--prompts", str(valid),
+              "--max-prompts", str(prompts), "--temp", "1.0", "--top-p", "0.95", "--top-k", "20",
+              "--plot", str(work / "calibration" / "curve.png")])
 
 
 # -- 7: shipping ---------------------------------------------------------------------
@@ -501,7 +495,7 @@ def main() -> None:
     # Both stages' KL: exact over this 4096-token vocabulary, and its α is the smooth 1 - TV.
     g.add_argument("--kl", default="full", choices=["full", "topk"])
     g.add_argument("--lora-rank", type=int, default=64)
-    g.add_argument("--threshold-prompts", type=int, default=24)
+    g.add_argument("--threshold-prompts", type=int, default=32, help="valid-split prompts for calibration")
     g.add_argument("--q-bits", type=int, default=8, choices=[4, 8], help="shipped weights' bits (default 8)")
     args = p.parse_args()
     work, out = Path(args.work).resolve(), Path(args.out).resolve()
@@ -566,10 +560,9 @@ def main() -> None:
             "--warmup", "10", "--val-every", "50", "--val-batches", "2", "--save-every", "10",
             "--steps-per-report", "5", *common, *resume,
         ])
-    config = json.loads((work / "opd" / "fused" / "config.json").read_text())
-    if "conf_threshold" not in config["pipo"]:
-        choose_threshold(work, work / "opd" / "fused", args.threshold_prompts)
-    ship(work, out, args.q_bits)
+    if not (out / "pipo-stdlib" / "calibration.json").exists():
+        ship(work, out, args.q_bits)
+        calibrate_shipped(work, out, args.threshold_prompts)
     log(f"recipe done in {(time.time() - started) / 60:.1f} min")
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hf_reference import random_ids
 from safetensors.numpy import load_file
-from test_generate import assert_logprobs_close, fused, graph_nodes, prompt_of, reference, with_eos
+from test_generate import assert_logprobs_close, fused, prompt_of, record_steps, reference, with_eos
 
 from pipo_mlx import load, make_prompt_cache, stream_generate
 from pipo_mlx.batch import BatchGenerator
@@ -240,23 +240,7 @@ def test_one_graph_per_step_whether_or_not_it_drafts(pipo, scripted, monkeypatch
     pattern = lambda i: i % 4 in (0, 3)  # noqa: E731
     scripted(pattern)
     expected = reference(model, prompt_of(31), 0.5, 16, eos=tokenizer.eos_token_ids, drafts=pattern)[0]
-    log, graphs, unread, previous = [], [], [], []
-    real_eval = mx.eval
-
-    def logged_eval(*args):
-        log.append("eval")
-        real_eval(*args)
-
-    def deferred_async_eval(*arrays):
-        log.append("async_eval")
-        before = graph_nodes(*previous) if previous else {}
-        if previous:
-            unread.append(bool(graph_nodes(previous[0])))
-        graphs.append(Counter(v for k, v in graph_nodes(*arrays).items() if k not in before))
-        previous[:] = arrays
-
-    monkeypatch.setattr(mx, "eval", logged_eval)
-    monkeypatch.setattr(mx, "async_eval", deferred_async_eval)
+    log, graphs, unread = record_steps(monkeypatch)
     got, responses, _ = fused(model, tokenizer, prompt_of(31), max_tokens=16, conf_threshold=0.5,
                               prefill_step_size=8, draft="auto")
     assert got == expected

@@ -369,6 +369,31 @@ def graph_nodes(*arrays):
     return dict(re.findall(r'(\d+) \[label ="(\w+)"', dot.getvalue()))
 
 
+def record_steps(monkeypatch):
+    """Replace mx.eval with a logger and mx.async_eval with a recorder that defers the
+    work; returns (calls in order, each queued graph's new nodes by primitive, whether
+    the graph queued before each call was still unread)."""
+    log, new_nodes, unread, previous = [], [], [], []
+    real_eval = mx.eval
+
+    def logged_eval(*args):
+        log.append("eval")
+        real_eval(*args)
+
+    def deferred_async_eval(*arrays):
+        log.append("async_eval")
+        before = graph_nodes(*previous) if previous else {}
+        if previous:
+            unread.append(bool(graph_nodes(previous[0])))
+        nodes = graph_nodes(*arrays)
+        new_nodes.append(Counter(v for k, v in nodes.items() if k not in before))
+        previous[:] = arrays
+
+    monkeypatch.setattr(mx, "eval", logged_eval)
+    monkeypatch.setattr(mx, "async_eval", deferred_async_eval)
+    return log, new_nodes, unread
+
+
 @pytest.mark.parametrize("threshold", [0.5, 1.0])
 def test_one_evaluation_per_decode_step(pipo, monkeypatch, threshold):
     """Each decode step is one lazy graph, queued once, before the previous step is read.
@@ -387,25 +412,7 @@ def test_one_evaluation_per_decode_step(pipo, monkeypatch, threshold):
     model, tokenizer = pipo
     prompt = prompt_of(31)
     expected, _, _ = reference(model, prompt, threshold, max_tokens=16)
-    log, new_nodes, unread = [], [], []
-    previous = []
-    real_eval = mx.eval
-
-    def logged_eval(*args):
-        log.append("eval")
-        real_eval(*args)
-
-    def deferred_async_eval(*arrays):
-        log.append("async_eval")
-        before = graph_nodes(*previous) if previous else {}
-        if previous:
-            unread.append(bool(graph_nodes(previous[0])))
-        nodes = graph_nodes(*arrays)
-        new_nodes.append(Counter(v for k, v in nodes.items() if k not in before))
-        previous[:] = arrays
-
-    monkeypatch.setattr(mx, "eval", logged_eval)
-    monkeypatch.setattr(mx, "async_eval", deferred_async_eval)
+    log, new_nodes, unread = record_steps(monkeypatch)
     got, responses, _ = fused(
         model, tokenizer, prompt, max_tokens=16, conf_threshold=threshold, prefill_step_size=8
     )
