@@ -128,6 +128,24 @@ def test_cli_refusals_are_one_line(base_and_pipo, mlx_pipo, capsys):
     refused(capsys, ["--model", str(pipo), "-p", "4096", "-g", "8", "-n", "1"], "context")
 
 
+# -- bench_demo_policy.py
+
+
+def test_demo_policy_quick_run(committed, tmp_path):  # noqa: F811
+    out = tmp_path / "policy_demo.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_demo_policy.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert committed.changed() == []
+    r = json.loads(out.read_text())
+    for mode in ("always", "auto"):
+        paired = [a / b for a, b in zip(r["tokens_per_s_runs"][mode], r["tokens_per_s_runs"]["never"])]
+        assert r["over_never_runs"][mode] == pytest.approx(paired)
+        assert r["over_never"][mode] == pytest.approx(sorted(paired)[0] / 2 + sorted(paired)[1] / 2)
+
+
 # -- bench_policy.py
 
 
