@@ -14,23 +14,17 @@ stretches this machine goes through better than medians of the speeds do.
 import argparse
 import os
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
-from pipo_mlx import load, stream_generate
+from pipo_mlx import load
 from pipo_mlx.model_io import write_json_atomic
+from pipo_mlx.speed import interleave, pipo_side
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("always", "never", "auto")
 THRESHOLD = 0.95
-
-
-def tokens_per_s(model, tokenizer, prompt, mode: str, n: int) -> float:
-    stamps = [time.perf_counter() for _ in stream_generate(
-        model, tokenizer, prompt, max_tokens=n, conf_threshold=THRESHOLD, draft=mode)]
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 def main() -> None:
@@ -43,12 +37,8 @@ def main() -> None:
     tokenizer.eos_token_ids = set()
     prompt = np.random.default_rng(0).integers(2, model.args.vocab_size - 8, 128).tolist()
     load_start = os.getloadavg()
-    for mode in MODES:  # warm-up
-        tokens_per_s(model, tokenizer, prompt, mode, 16)
-    runs = {m: [] for m in MODES}
-    for r in range(rounds):
-        for mode in MODES[r % 3:] + MODES[: r % 3]:
-            runs[mode].append(tokens_per_s(model, tokenizer, prompt, mode, n))
+    sides = {m: pipo_side(model, tokenizer, prompt, conf_threshold=THRESHOLD, draft=m) for m in MODES}
+    runs = {m: [1 / r.s_per_token for r in rs] for m, rs in interleave(sides, n, rounds, 16).items()}
     ratios = {m: [x / y for x, y in zip(runs[m], runs["never"])] for m in ("always", "auto")}
     results = {
         "threshold": THRESHOLD, "tokens": n, "rounds": rounds,

@@ -72,9 +72,8 @@ def draft_cost(model: nn.Module) -> float:
     read: a drafting step adds the MTP and confidence heads and a second pass
     over the LM head to the plain step's backbone, LM head and compressor.
     """
-    stored = getattr(model.args, "draft_cost", None)
-    if stored is not None:
-        return float(stored)
+    if model.args.draft_cost is not None:
+        return float(model.args.draft_cost)
     w = weight_bytes(model)
     return (w["E"] + w["M"]) / (w["B"] + w["E"] + w["C"])
 
