@@ -15,7 +15,7 @@ included, the three run one after another in rotating order, median of
 --repeats. Models: the random configurations of bench_decode.py (float32,
 LM head 1/8 of the backbone) and the shipped demo model (8-bit) with its
 backbone. A full run (defaults) writes benchmarks/results/batch.json and
-batch.png, which the README quotes; other runs write to build/bench/.
+batch.png, which docs/benchmarks.md quotes; other runs write to build/bench/.
 """
 
 import argparse

@@ -6,7 +6,7 @@
 
 Only a full run (no --quick; --repeats, --tokens, --prompts and
 --quality-windows at their defaults) writes to benchmarks/results/, the files
-the README quotes; any other run writes to build/bench/ unless --out says
+the docs quote; any other run writes to build/bench/ unless --out says
 where.
 
 Models are random-weight Qwen3.5 configs built in memory with Qwen3.5-4B-like
@@ -78,7 +78,7 @@ from pipo_mlx.model_io import cast
 from pipo_mlx.speed import keep_all_bound as bound
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"  # committed: the README quotes these files
+RESULTS = REPO / "benchmarks" / "results"  # committed: docs/ quote these files
 SCRATCH = REPO / "build" / "bench"  # git-ignored: smoke and partial runs
 DECODE_PROMPT = 64
 # The paper's 0.95, and lower gates for a small demo model that is rarely that sure.

@@ -14,7 +14,7 @@
    first token to the last as the client sees them, against the library's
    `stream_generate` in this process, alternating, on the same prompt.
 
-A full run (defaults) writes benchmarks/results/server.json, which the README
+A full run (defaults) writes benchmarks/results/server.json, which docs/serving.md
 quotes; --quick or changed settings write to build/bench/ unless --out says.
 """
 

@@ -46,7 +46,7 @@ calibration, recommended.
 Defaults (256 windows of 256 tokens, 32 prompts x 64 new tokens, 5 thresholds,
 two modes) take 5-10 minutes on 2 busy CPU cores. Only a full run (every
 setting in FULL_RUN_SETTINGS at its default) writes to benchmarks/results/, the
-files the README quotes; any other run writes to build/bench/ unless --out says.
+files the docs quote; any other run writes to build/bench/ unless --out says.
 """
 
 import argparse
@@ -74,7 +74,7 @@ from pipo_mlx.quality import acceptance, overlap  # noqa: F401 (this script's fi
 from pipo_mlx.quality import teacher_forced as teacher_forced_batch
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"  # committed: the README quotes these files
+RESULTS = REPO / "benchmarks" / "results"  # committed: docs/ quote these files
 SCRATCH = REPO / "build" / "bench"  # git-ignored: smoke and partial runs
 THRESHOLDS = [-1.0, 0.5, 0.8, 0.9, 0.95]
 MAX_PROMPT_TOKENS = 256

@@ -32,7 +32,7 @@ and walks the user's path with them:
 Each measured command runs as its own process, and its peak resident memory
 is the kernel's count for that process. Stages are resumable: results go to
 WORK/results.json after each one, and a stage already there is skipped.
-Only a full run writes benchmarks/results/real_size.json (the README quotes it).
+Only a full run writes benchmarks/results/real_size.json (docs/benchmarks.md quotes it).
 """
 
 import argparse
@@ -462,7 +462,7 @@ def stage_train(a: argparse.Namespace, work: Path) -> Dict[str, Any]:
 
 
 def summary(state: Dict[str, Any]) -> str:
-    """The results as the README's tables."""
+    """The results as the tables of docs/benchmarks.md."""
     lines = ["| conversion | wall | peak RSS | written | peak / written |", "|---|---:|---:|---:|---:|"]
     for name, c in state.get("convert", {}).items():
         if isinstance(c, dict):

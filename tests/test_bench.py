@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"  # committed: the README quotes these files
+RESULTS = ROOT / "benchmarks" / "results"  # committed: docs/ quote these files
 SCRATCH = ROOT / "build" / "bench"  # where smoke runs go
 
 

@@ -1,4 +1,4 @@
-"""Every Python block of the README runs as written, against the shipped demo model."""
+"""Every Python block of the README and of the docs/ pages runs as written, against the shipped demo model."""
 
 import re
 import socket
@@ -10,23 +10,28 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
-# The README's server command; blocks that talk to it run while it serves.
-SERVE = re.search(r"^python -m pipo_mlx.server .*--port (\d+)$", README, re.M)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+TEXTS = {p.relative_to(ROOT).as_posix(): p.read_text() for p in PAGES}
+BLOCKS = [
+    (page, i, block)
+    for page, text in TEXTS.items()
+    for i, block in enumerate(re.findall(r"```python\n(.*?)```", text, re.S))
+]
+# A page's server command; that page's blocks that talk to it run while it serves.
+SERVE = {page: re.search(r"^python -m pipo_mlx.server .*--port (\d+)$", text, re.M) for page, text in TEXTS.items()}
 
 
 @contextmanager
-def readme_server():
-    port = int(SERVE.group(1))
+def page_server(serve: re.Match):
+    port = int(serve.group(1))
     with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is taken: the README's server needs it"
-    proc = subprocess.Popen([sys.executable, *SERVE.group(0).split()[1:]], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is taken: the page's server needs it"
+    proc = subprocess.Popen([sys.executable, *serve.group(0).split()[1:]], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:  # the server logs where it serves once it listens
             if "serving" in line:
                 break
-        assert proc.poll() is None, "the README's server command failed"
+        assert proc.poll() is None, "the page's server command failed"
         yield
     finally:
         proc.terminate()
@@ -34,20 +39,27 @@ def readme_server():
 
 
 def test_the_readme_has_python_blocks():
-    assert len(BLOCKS) >= 3
+    assert sum(page == "README.md" for page, _, _ in BLOCKS) >= 2
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index):
+def test_the_readme_links_only_to_pages_that_exist():
+    for page, text in TEXTS.items():
+        for target in re.findall(r"\]\(([^)#:]+)\)", text):
+            assert ((ROOT / page).parent / target).exists(), f"{page} links to missing {target}"
+
+
+@pytest.mark.parametrize("page,index,block", BLOCKS, ids=[f"{p}-{i}" for p, i, _ in BLOCKS])
+def test_python_block_runs(page, index, block):
     # A fresh interpreter per block, in the repository root, as a reader would run it.
-    needs_server = SERVE is not None and f"127.0.0.1:{SERVE.group(1)}" in BLOCKS[index]
-    with readme_server() if needs_server else nullcontext():
+    serve = SERVE[page]
+    needs_server = serve is not None and f"127.0.0.1:{serve.group(1)}" in block
+    with page_server(serve) if needs_server else nullcontext():
         result = subprocess.run(
-            [sys.executable, "-c", BLOCKS[index]],
+            [sys.executable, "-c", block],
             cwd=ROOT,
             capture_output=True,
             text=True,
             timeout=300,
         )
-    assert result.returncode == 0, f"README block {index}:\n{BLOCKS[index]}\n{result.stderr}"
+    assert result.returncode == 0, f"{page} block {index}:\n{block}\n{result.stderr}"
     assert result.stdout.strip(), "each block prints what it shows"
