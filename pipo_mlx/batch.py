@@ -32,6 +32,7 @@ from .decode import (
 )
 from .drafting import DraftSchedule, KeepRate, check_draft, draft_cost
 from .errors import PipoError
+from .kv_cache import check_max_kv_size, window_of, window_pairs
 from .model import PipoModel
 from .prompt_cache import PromptCache, make_prompt_cache, owed_firsts, pair_up, prefill
 from .token2_head import DEFAULT_TOKEN2_HEAD, Token2Head, make_token2_head
@@ -83,9 +84,21 @@ class BatchGenerator:
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
         token2_head: Union[str, Token2Head] = DEFAULT_TOKEN2_HEAD,
         release_caches: bool = False,
+        max_kv_size: Optional[int] = None,
+        kv_bits: Optional[int] = None,
     ):
         """`release_caches`: keep each ending row's caches in `released` (for a
-        `PromptCacheStore`); it costs a copy and a wait for the step in flight."""
+        `PromptCacheStore`); it costs a copy and a wait for the step in flight.
+        `max_kv_size`: the attention caches rotate over that many tokens' pairs, with
+        no kept first pairs, as in mlx-lm's batches; `kv_bits` is refused, as
+        mlx-lm's batch caches have no quantized form (docs/memory.md)."""
+        if kv_bits is not None:
+            raise PipoError(
+                "a batch cannot quantize its KV cache (mlx-lm's batch caches have no quantized "
+                "form); leave kv_bits out, or decode one sequence at a time with stream_generate"
+            )
+        check_max_kv_size(max_kv_size)
+        self.max_kv_size = max_kv_size
         self.model = model
         self.pad = model.pad_token_id
         self.eos = sorted(set(eos_token_ids))
@@ -130,9 +143,11 @@ class BatchGenerator:
         check_request(self.model, ids, max_tokens)
         threshold = check_threshold(recommended_threshold(self.model, conf_threshold))
         mode = check_draft(draft)
-        cache = make_prompt_cache(self.model) if prompt_cache is None else prompt_cache
+        cache = make_prompt_cache(self.model, self.max_kv_size, keep=0) if prompt_cache is None else prompt_cache
         if cache.tokens != ids[: len(cache.tokens)] or len(cache.tokens) > len(ids) - 2:
             raise PipoError("the prompt cache does not hold a prefix of this prompt")
+        if window_of(cache.layers) != (self.max_kv_size and window_pairs(self.max_kv_size)):
+            raise PipoError("the prompt cache was not made with this batch's max_kv_size")
         with mx.stream(generation_stream):
             # Every row's prompt fills the MTP cache, whatever its threshold: the batch
             # drafts or not as a whole.

@@ -13,7 +13,8 @@ from .prompt_cache import make_prompt_cache
 class ChatSession:
     """A conversation whose caches persist, so each turn prefills only its new tokens.
 
-    `options` are `stream_generate`'s. Without a chat template (or with
+    `options` are `stream_generate`'s, the KV-cache ones included (they hold for
+    the whole conversation). Without a chat template (or with
     `use_chat_template=False`) each query is sent as raw text.
     """
 
@@ -37,7 +38,7 @@ class ChatSession:
         self.reset()
 
     def reset(self) -> None:
-        self.cache = make_prompt_cache(self.model)
+        self.cache = make_prompt_cache(self.model, self.options.get("max_kv_size"))
         self.messages = (
             []
             if self.system_prompt is None

@@ -30,6 +30,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .drafting import DraftSchedule, KeepRate, check_draft, draft_cost
 from .errors import PipoError
+from .kv_cache import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, check_cache_fits, kv_quantization
 from .model import PipoModel
 from .prompt_cache import PromptCache, make_prompt_cache, owed_firsts, pair_up, prefill
 from .token2_head import DEFAULT_TOKEN2_HEAD, Token2Head, make_token2_head
@@ -115,6 +116,10 @@ def generate_step(
     prompt_cache: Optional[PromptCache] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     token2_head: Union[str, Token2Head] = DEFAULT_TOKEN2_HEAD,
+    max_kv_size: Optional[int] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield (token, logprobs, is_token2) for each generated token, PADs never.
 
@@ -125,16 +130,20 @@ def generate_step(
     `draft` says which steps run the MTP head: "auto" (the default) while its
     drafts pay for themselves (`drafting.py`), "always", or "never" (the same
     as a threshold of 1 or more). `token2_head` is a `make_token2_head` spec or
-    the head it made.
+    the head it made. `max_kv_size` (a rotating cache, for a new cache),
+    `kv_bits`, `kv_group_size` and `quantized_kv_start` (a quantized one) are
+    mlx-lm's KV-cache options, in tokens, applied in whole pairs (docs/memory.md).
     """
     ids = prompt.tolist() if isinstance(prompt, mx.array) else [int(t) for t in prompt]
     threshold = check_threshold(recommended_threshold(model, conf_threshold))
     mode = check_draft(draft)
     if prefill_step_size < 2:
         raise PipoError(f"prefill_step_size must be at least 2 (one pair), got {prefill_step_size}")
-    cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
+    quantize = kv_quantization(model, kv_bits, kv_group_size, quantized_kv_start, max_kv_size)
+    cache = make_prompt_cache(model, max_kv_size) if prompt_cache is None else prompt_cache
     if not isinstance(cache, PromptCache):
         raise TypeError("prompt_cache must come from pipo_mlx.make_prompt_cache(model)")
+    check_cache_fits(cache.layers, max_kv_size if prompt_cache is not None else None, quantize)
 
     pad = model.pad_token_id
     ids = pair_up(ids, pad)
@@ -151,7 +160,6 @@ def generate_step(
     eos_ids = mx.array(eos) if eos else None
     mask_pad = pad not in eos
     pad_id = mx.array([pad], dtype=mx.int32)
-    backbone_cache, mtp_cache = model.split_cache(cache.layers)
     # MTP entries owed by steps that skipped the head (and by the prompt's last
     # pairs): backbone states and the token1 that followed each, written in one
     # go by the next drafting step so that the MTP cache misses no position.
@@ -172,6 +180,9 @@ def generate_step(
         remaining: Optional[mx.array],
         drafting: bool,
     ) -> _Step:
+        if quantize is not None:  # swaps cache objects once, lazily, as mlx-lm's step does
+            quantize(cache.layers)
+        backbone_cache, mtp_cache = model.split_cache(cache.layers)
         h = model.hidden(pair, backbone_cache)
         token1, logprobs1 = sample(model.lm_logits(h[:, -1]), history)
         if drafting:
@@ -224,7 +235,7 @@ def generate_step(
 
     chunk = prefill_step_size - prefill_step_size % 2
     with mx.stream(generation_stream):
-        prefill(model, cache, ids[:-2], chunk, use_mtp)
+        prefill(model, cache, ids[:-2], chunk, use_mtp, quantize)
         if use_mtp and cache.last_hidden is not None:
             owed_hidden.append(cache.last_hidden)
             known = owed_firsts(cache.tokens, cache.last_hidden.shape[1]) + ids[-2:-1]
@@ -269,7 +280,7 @@ def generate_step(
             if use_mtp:
                 if last.drafted:
                     cache.last_hidden = last.hidden
-                    for c in mtp_cache:
+                    for c in model.split_cache(cache.layers)[1]:
                         c.trim(1)
                 else:
                     cache.last_hidden = mx.concatenate(owed_hidden, axis=1)
@@ -287,7 +298,8 @@ def stream_generate(
     `prompt` is text or token ids (apply a chat template first, as with mlx-lm).
     The other options are those of `generate_step`: `sampler`,
     `logits_processors`, `conf_threshold`, `draft`, `prompt_cache`,
-    `prefill_step_size`, `token2_head`.
+    `prefill_step_size`, `token2_head`, and the KV-cache options `max_kv_size`,
+    `kv_bits`, `kv_group_size`, `quantized_kv_start`.
     """
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)

@@ -139,12 +139,15 @@ class Engine:
         max_active: int = 8,
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
         token2_head: Union[str, Token2Head] = "full",
+        max_kv_size: Optional[int] = None,
     ):
+        """`max_kv_size`: rotating attention caches, as `BatchGenerator`'s (docs/memory.md)."""
         self.model, self.tokenizer = model, tokenizer
-        self.store = PromptCacheStore(model, prompt_cache_bytes)
+        self.store = PromptCacheStore(model, prompt_cache_bytes, max_kv_size=max_kv_size)
         self.max_active = max_active
         self._new_batch = lambda: BatchGenerator(
-            model, tokenizer.eos_token_ids, prefill_step_size, token2_head, release_caches=True
+            model, tokenizer.eos_token_ids, prefill_step_size, token2_head, release_caches=True,
+            max_kv_size=max_kv_size,
         )
         self.batch = self._new_batch()
         self._queue: Deque[Job] = deque()

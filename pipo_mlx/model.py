@@ -16,6 +16,7 @@ from mlx_lm.models.cache import KVCache
 
 from .errors import PipoError
 from .heads import Compressor, ConfidenceHead, MTPHead
+from .kv_cache import KEEP_PAIRS, rotating_cache
 
 HEAD_PREFIXES = ("compressor.", "mtp.", "confidence_head.")
 
@@ -158,8 +159,13 @@ class PipoModel(nn.Module):
 
     # -- caches: the backbone's (mlx-lm's kinds) followed by one KVCache per MTP layer
 
-    def make_cache(self) -> List[Any]:
-        return super().make_cache() + [KVCache() for _ in self.mtp.layers]
+    def make_cache(self, max_kv_size: Optional[int] = None, keep: int = KEEP_PAIRS) -> List[Any]:
+        """`max_kv_size` (tokens): every attention cache, the MTP's too, rotates over
+        that many tokens' pairs, the first `keep` pairs kept (docs/memory.md)."""
+        caches = super().make_cache() + [KVCache() for _ in self.mtp.layers]
+        if max_kv_size is None:
+            return caches
+        return [rotating_cache(max_kv_size, keep) if isinstance(c, KVCache) else c for c in caches]
 
     def split_cache(
         self, cache: Optional[List[Any]]

@@ -15,12 +15,13 @@ prompt's prefill is then the longest reusable point.
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.models.cache import LRUPromptCache
 
 from .errors import PipoError
+from .kv_cache import KEEP_PAIRS, check_max_kv_size
 from .model import PipoModel
 
 
@@ -44,15 +45,21 @@ class PromptCache:
     @property
     def nbytes(self) -> int:
         held = self.last_hidden.nbytes if self.last_hidden is not None else 0
-        return held + sum(c.nbytes for c in self.layers)
+        # mlx-lm's QuantizedKVCache cannot count an empty cache (an unused MTP's).
+        return held + sum(c.nbytes for c in self.layers if not c.empty())
 
     def is_trimmable(self) -> bool:
         """Never: the recurrent layers keep no history to roll back to."""
         return False
 
 
-def make_prompt_cache(model: PipoModel) -> PromptCache:
-    return PromptCache(model.make_cache())
+def make_prompt_cache(
+    model: PipoModel, max_kv_size: Optional[int] = None, keep: int = KEEP_PAIRS
+) -> PromptCache:
+    """An empty cache; `max_kv_size` (tokens) makes the attention caches rotate over
+    that many tokens' pairs, the first `keep` pairs kept (docs/memory.md)."""
+    check_max_kv_size(max_kv_size)
+    return PromptCache(model.make_cache(max_kv_size, keep))
 
 
 def pair_up(ids: List[int], pad: int) -> List[int]:
@@ -67,13 +74,19 @@ def owed_firsts(tokens: List[int], owed: int) -> List[int]:
 
 
 def prefill(
-    model: PipoModel, cache: PromptCache, ids: List[int], chunk: int, use_mtp: bool
+    model: PipoModel,
+    cache: PromptCache,
+    ids: List[int],
+    chunk: int,
+    use_mtp: bool,
+    quantize: Optional[Callable[[List[Any]], None]] = None,
 ) -> None:
     """Feed the pairs of `ids` (an even count) into the caches, `chunk` tokens at a time.
 
     The MTP runs teacher-forced one position behind the backbone: position i
     needs the first token of pair i + 1, known here for all but the last pair,
-    whose backbone state waits in `cache.last_hidden`.
+    whose backbone state waits in `cache.last_hidden`. `quantize` (a
+    `KVQuantization`) may swap in quantized caches after each chunk.
     """
     if cache.tokens and use_mtp and not cache.uses_mtp:
         raise PipoError(
@@ -81,8 +94,8 @@ def prefill(
             "empty; keep that threshold or start a new cache"
         )
     cache.uses_mtp = use_mtp if not cache.tokens else cache.uses_mtp and use_mtp
-    backbone_cache, mtp_cache = model.split_cache(cache.layers)
     for start in range(0, len(ids), chunk):
+        backbone_cache, mtp_cache = model.split_cache(cache.layers)
         part = ids[start : start + chunk]
         x = mx.array(part)[None]
         h = model.hidden(x, backbone_cache)
@@ -95,6 +108,8 @@ def prefill(
                 firsts = mx.concatenate([mx.array([known], dtype=x.dtype), x[:, 0::2]], axis=1)
             model.fill_mtp_cache(firsts, hidden, mtp_cache)
             cache.last_hidden = h[:, -1:]
+        if quantize is not None:
+            quantize(cache.layers)
         mx.eval([c.state for c in cache.layers], cache.last_hidden)
         cache.tokens.extend(part)
         mx.clear_cache()
@@ -107,8 +122,11 @@ class PromptCacheStore:
     apart: one kind cannot stand in for the other.
     """
 
-    def __init__(self, model: PipoModel, max_bytes: int, max_entries: int = 64):
-        self.model, self.max_bytes = model, max_bytes
+    def __init__(
+        self, model: PipoModel, max_bytes: int, max_entries: int = 64, max_kv_size: Optional[int] = None
+    ):
+        """`max_kv_size`: new caches rotate, with no kept pairs, as a batch's rows do."""
+        self.model, self.max_bytes, self.max_kv_size = model, max_bytes, max_kv_size
         self._lru = LRUPromptCache(max_size=max_entries, max_bytes=max_bytes)
 
     def fetch(self, ids: List[int], use_mtp: bool) -> PromptCache:
@@ -118,7 +136,7 @@ class PromptCacheStore:
         first decode step reads; with nothing usable stored, a new empty cache.
         """
         found, _ = self._lru.fetch_nearest_cache(use_mtp, ids[:-2])
-        return make_prompt_cache(self.model) if found is None else found[0]
+        return make_prompt_cache(self.model, self.max_kv_size, keep=0) if found is None else found[0]
 
     def insert(self, cache: PromptCache, copy_it: bool = False) -> None:
         """Keep `cache` under the pairs it has read; `copy_it` when the caller goes on using it."""

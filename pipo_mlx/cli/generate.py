@@ -26,6 +26,13 @@ from ..drafting import DEFAULT_DRAFT, DRAFT_MODES
 from ..errors import PipoError
 from ..hf_io import is_hub_id, read_json
 from ..interrupts import ctrl_c_noted
+from ..kv_cache import (
+    DEFAULT_KV_GROUP_SIZE,
+    DEFAULT_QUANTIZED_KV_START,
+    KV_BITS,
+    check_kv_options,
+    kv_quantization,
+)
 from ..model_io import load
 from ..token2_head import DEFAULT_TOKEN2_HEAD, make_token2_head, parse_token2_head
 from . import run_cli
@@ -113,6 +120,29 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PREFILL_STEP_SIZE,
         help=f"prompt tokens per prefill chunk, at least 2, kept even "
         f"(default {DEFAULT_PREFILL_STEP_SIZE})",
+    )
+    parser.add_argument(
+        "--max-kv-size",
+        type=int,
+        help="rotating attention cache of this many tokens, in whole pairs (an odd size "
+        "rounds down), the first 4 tokens kept (docs/memory.md)",
+    )
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        help=f"quantize the attention cache to this many bits ({', '.join(map(str, KV_BITS))}; "
+        "default: not quantized)",
+    )
+    parser.add_argument(
+        "--kv-group-size",
+        type=int,
+        help=f"group size of --kv-bits' quantization (default {DEFAULT_KV_GROUP_SIZE})",
+    )
+    parser.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        help="with --kv-bits, quantize once the cache holds this many tokens "
+        f"(default {DEFAULT_QUANTIZED_KV_START})",
     )
     parser.add_argument(
         "--ignore-chat-template", action="store_true", help="use the prompt as raw text"
@@ -225,6 +255,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise PipoError(
             f"--prefill-step-size must be at least 2 (one pair), got {args.prefill_step_size}"
         )
+    if args.kv_bits is None and (args.kv_group_size, args.quantized_kv_start) != (None, None):
+        raise PipoError("--kv-group-size and --quantized-kv-start only apply with --kv-bits")
+    check_kv_options(**kv_options(args))
+
+
+def kv_options(args: argparse.Namespace) -> dict:
+    """The KV-cache options as `stream_generate` takes them."""
+    group = DEFAULT_KV_GROUP_SIZE if args.kv_group_size is None else args.kv_group_size
+    start = DEFAULT_QUANTIZED_KV_START if args.quantized_kv_start is None else args.quantized_kv_start
+    return dict(kv_bits=args.kv_bits, kv_group_size=group, quantized_kv_start=start,
+                max_kv_size=args.max_kv_size)
 
 
 def read_prompt(args: argparse.Namespace) -> Optional[str]:
@@ -256,6 +297,7 @@ def run(args: argparse.Namespace) -> None:
     prompt = read_prompt(args)
 
     model, tokenizer = load_model(args.model, args.allow_fresh_heads)
+    kv_quantization(model, **kv_options(args))  # the group size against the model's heads
     # Our own context check names the problem; the tokenizer's length warning
     # would only print ahead of it.
     tokenizer.model_max_length = sys.maxsize
@@ -285,6 +327,7 @@ def run(args: argparse.Namespace) -> None:
         draft=args.draft,
         prefill_step_size=args.prefill_step_size,
         token2_head=make_token2_head(model, args.token2_head),
+        **kv_options(args),
     )
     verbose = args.verbose and not args.quiet
     if not args.chat:

@@ -30,6 +30,7 @@ from ..decode import DEFAULT_PREFILL_STEP_SIZE, check_threshold
 from ..drafting import DEFAULT_DRAFT, DRAFT_MODES
 from ..engine import Engine, Failed, Finished, Job
 from ..errors import PipoError
+from ..kv_cache import check_max_kv_size
 from ..token2_head import DEFAULT_TOKEN2_HEAD, make_token2_head, parse_token2_head
 from . import run_cli
 from .generate import load_model
@@ -252,6 +253,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help=f"prompt tokens per prefill chunk (default {DEFAULT_PREFILL_STEP_SIZE})")
     g.add_argument("--token2-head", default=DEFAULT_TOKEN2_HEAD,
                    help="how token2's logits are computed, as in generate.py (default full)")
+    g.add_argument("--max-kv-size", type=int,
+                   help="rotating attention cache of this many tokens per request, in whole pairs, "
+                   "as mlx-lm's batches rotate: no first tokens kept (docs/memory.md)")
+    g.add_argument("--kv-bits", type=int,
+                   help="refused: requests decode as rows of one batch, and mlx-lm's batch caches "
+                   "cannot be quantized (generate.py has --kv-bits)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -267,6 +274,12 @@ def check_args(args: argparse.Namespace) -> int:
     if args.conf_threshold is not None:
         check_threshold(args.conf_threshold)
     parse_token2_head(args.token2_head)
+    if args.kv_bits is not None:
+        raise PipoError(
+            "--kv-bits: the server decodes requests as the rows of one batch, and mlx-lm's batch "
+            "caches cannot be quantized; use --max-kv-size, or generate.py --kv-bits for one sequence"
+        )
+    check_max_kv_size(args.max_kv_size)
     try:
         budget = int(_parse_size(args.prompt_cache_bytes))
     except (ValueError, ArithmeticError, KeyError, TypeError):
@@ -282,7 +295,7 @@ def make_server(args: argparse.Namespace) -> Server:
     model, tokenizer = load_model(args.model)
     tokenizer.model_max_length = 1 << 62  # our own context check speaks instead of its warning
     engine = Engine(model, tokenizer, budget, args.max_concurrent, args.prefill_step_size,
-                    make_token2_head(model, args.token2_head)).start()
+                    make_token2_head(model, args.token2_head), args.max_kv_size).start()
     model_id = args.model or "pipo-stdlib"
     names = {model_id, "default_model"}
     if Path(model_id).expanduser().exists():
