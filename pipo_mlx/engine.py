@@ -78,11 +78,16 @@ class Finished:
     steps: int  # decode steps: one backbone position each
     token2_kept: int
     time_to_first_token: float  # from the start of the request's prefill
+    stop_string: Optional[str] = None  # the stop string that ended the reply, if one did
 
 
 @dataclass
 class Failed:
     error: BaseException
+
+
+class ShuttingDown(RuntimeError):
+    """A request cut short because the server is stopping."""
 
 
 class StopStrings:
@@ -95,6 +100,7 @@ class StopStrings:
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.hit: Optional[str] = None  # the stop string found, once one is
 
     def feed(self, piece: str) -> Tuple[str, bool]:
         """(text safe to release, whether a stop string was reached)."""
@@ -102,6 +108,7 @@ class StopStrings:
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.pending = ""
+            self.hit = min((text.find(s), s) for s in self.stops if s in text)[1]
             return text[: min(hits)], True
         hold = 0
         for s in self.stops:
@@ -179,6 +186,9 @@ class Engine:
 
     def submit(self, job: Job) -> Job:
         with self._wake:
+            if self._stopping:  # the loop is gone or going: nobody would answer
+                job.events.put(Failed(ShuttingDown("the server is shutting down")))
+                return job
             self._queue.append(job)
             self._wake.notify()
         return job
@@ -199,8 +209,10 @@ class Engine:
             self.error = e
             raise
         finally:
-            for r in self._running.values():
-                r.job.events.put(Failed(RuntimeError("the server is shutting down")))
+            with self._wake:
+                waiting = list(self._queue)
+            for job in [r.job for r in self._running.values()] + waiting:
+                job.events.put(Failed(ShuttingDown("the server is shutting down")))
 
     def _admit(self) -> List[Job]:
         """Jobs to start now, in arrival order; a seeded job waits to run alone."""
@@ -234,7 +246,9 @@ class Engine:
             uid = self.batch.insert(
                 ids,
                 job.max_tokens,
-                sampler=make_sampler(s.temperature, s.top_p, s.min_p, top_k=s.top_k),
+                # mlx-lm's top-k fails at sampling time, for the whole batch, unless k < vocabulary
+                sampler=make_sampler(s.temperature, s.top_p, s.min_p,
+                                     top_k=s.top_k if s.top_k < self.model.args.vocab_size else 0),
                 logits_processors=make_logits_processors(
                     repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty
                 ),
@@ -301,5 +315,5 @@ class Engine:
         if cache is not None:
             self.store.insert(cache)
         r.job.events.put(
-            Finished(reason, len(r.job.prompt), r.cached, r.n, r.steps, r.kept, r.ttft)
+            Finished(reason, len(r.job.prompt), r.cached, r.n, r.steps, r.kept, r.ttft, r.stops.hit)
         )

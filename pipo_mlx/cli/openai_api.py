@@ -21,6 +21,8 @@ from ..drafting import DEFAULT_DRAFT, DRAFT_MODES
 from ..engine import Finished, Sampling, TokenEvent
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; legacy completions allow 5
+INT_MAX = 2**31 - 1  # MLX takes counts as 32-bit integers: a larger one would fail inside it, not here
+SEED_MAX = 2**64 - 1  # MLX's random seed is an unsigned 64-bit integer
 
 
 class ApiError(Exception):
@@ -88,11 +90,10 @@ def _number(body, name, default, lo=None, hi=None, lo_open=False):
     return float(value)
 
 
-def _integer(body, name, default, lo=None, hi=None):
+def _integer(body, name, default, lo=None, hi=INT_MAX):
     value = _get(body, name, (int,), default, "an integer")
-    if value is not None and ((lo is not None and value < lo) or (hi is not None and value > hi)):
-        raise ApiError(400, f"'{name}' must lie in [{lo}, {hi if hi is not None else 'inf'}], got {value}",
-                       name, "invalid_value")
+    if value is not None and ((lo is not None and value < lo) or value > hi):
+        raise ApiError(400, f"'{name}' must lie in [{lo}, {hi}], got {value}", name, "invalid_value")
     return value
 
 
@@ -137,7 +138,7 @@ def parse_request(
         min_p=_number(body, "min_p", defaults.min_p, lo=0, hi=1),
         presence_penalty=_number(body, "presence_penalty", None, lo=-2, hi=2),
         repetition_penalty=_number(body, "repetition_penalty", None, lo=0, lo_open=True),
-        seed=_integer(body, "seed", None),
+        seed=_integer(body, "seed", None, lo=0, hi=SEED_MAX),
     )
     request = ApiRequest(
         kind=kind,

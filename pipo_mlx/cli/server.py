@@ -3,10 +3,11 @@
     python -m pipo_mlx.server --model PATH [--host 127.0.0.1] [--port 8080]
 
 POST /v1/chat/completions and /v1/completions (streamed as server-sent events
-or not), GET /v1/models and /health. The standard library's threading HTTP
+or not), Anthropic's POST /v1/messages and /v1/messages/count_tokens,
+GET /v1/models and /health. The standard library's threading HTTP
 server is enough, as for mlx-lm: one thread per connection parses and
 tokenizes, and a single engine thread runs the model (pipo_mlx.engine).
-There is no authentication: keep it on 127.0.0.1 or behind a proxy that has.
+There is no authentication unless --api-key is given: keep it on 127.0.0.1.
 """
 
 import argparse
@@ -16,9 +17,8 @@ import select
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from queue import Empty
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlparse
@@ -28,15 +28,23 @@ from mlx_lm.utils import _parse_size
 
 from ..decode import DEFAULT_PREFILL_STEP_SIZE, check_threshold
 from ..drafting import DEFAULT_DRAFT, DRAFT_MODES
-from ..engine import Engine, Failed, Finished, Job
+from ..engine import Engine, Failed, Finished, Job, ShuttingDown
 from ..errors import PipoError
 from ..kv_cache import check_max_kv_size
 from ..token2_head import DEFAULT_TOKEN2_HEAD, make_token2_head, parse_token2_head
 from . import run_cli
+from .anthropic_api import MessageReply, default_sampling, model_folder, parse_messages
+from .anthropic_api import error_body as anthropic_error
 from .generate import load_model
-from .openai_api import ApiError, ApiRequest, Defaults, Reply, error_body, parse_request
+from .openai_api import ApiError, ApiRequest, Defaults, Reply, parse_request
+from .server_access import (
+    InFlight, add_access_args, authorized, cors_headers, known_name, log_request, model_names, stop_on_sigterm,
+)
 
-ROUTES = {"/v1/chat/completions": "chat", "/chat/completions": "chat", "/v1/completions": "completion"}
+ROUTES = {"/v1/chat/completions": "chat", "/chat/completions": "chat", "/v1/completions": "completion",
+          "/v1/messages": "messages", "/v1/messages/count_tokens": "count_tokens"}
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}  # the OpenAI routes' default, as mlx_lm.server's
+STOP_SECONDS = 8.0  # how long a stopping server waits for open requests to send their last event
 KEEPALIVE_SECONDS = 2.0  # how often a waiting stream is probed for a client that left
 
 
@@ -53,6 +61,10 @@ class App:
     max_request_bytes: int
     created: int
     tokenizer_lock: threading.Lock
+    message_defaults: Optional[Defaults] = None  # for /v1/messages, whose clients rarely name a sampling
+    api_key: Optional[str] = None
+    allowed_origins: List[str] = field(default_factory=list)
+    inflight: InFlight = field(default_factory=InFlight)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -64,6 +76,48 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt: str, *args: Any) -> None:
         logging.debug("%s - %s", self.address_string(), fmt % args)
+
+    def send_response(self, code: int, message: Optional[str] = None) -> None:
+        self.status = code
+        super().send_response(code, message)
+
+    def end_headers(self) -> None:
+        for name, value in cors_headers(self.headers.get("Origin"), self.app.allowed_origins):
+            self.send_header(name, value)
+        super().end_headers()
+
+    def do_GET(self) -> None:
+        self._serve(self._get)
+
+    def do_POST(self) -> None:
+        self._serve(self._post)
+
+    def do_OPTIONS(self) -> None:  # a browser's CORS preflight: no body, no key
+        self.send_response(204)
+        self.end_headers()
+
+    def _serve(self, method) -> None:
+        """Check the key, answer, and log one line for the request."""
+        started, self.status, self.finished = time.perf_counter(), 0, None
+        path = urlparse(self.path).path.rstrip("/")
+        self.anthropic = path.startswith("/v1/messages")  # answered in Anthropic's error shape
+        with self.app.inflight:
+            try:
+                if path != "/health" and not authorized(self.headers, self.app.api_key):
+                    self.close_connection = True
+                    self._send_error(ApiError(401, "a valid API key is required: 'Authorization: Bearer KEY' "
+                                                   "or 'x-api-key: KEY'", code="invalid_api_key"))
+                else:
+                    method(path)
+            finally:
+                log_request(self.command, path, self.status, time.perf_counter() - started, self.finished)
+
+    def _send_error(self, e: ApiError) -> None:
+        self._send_json(e.status, anthropic_error(e.status, e.message) if self.anthropic else e.body())
+
+    def _failure(self, error: BaseException) -> ApiError:
+        status = 400 if isinstance(error, PipoError) else 503 if isinstance(error, ShuttingDown) else 500
+        return ApiError(status, str(error))
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -115,8 +169,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- GET ----------------------------------------------------------------------
 
-    def do_GET(self) -> None:
-        path = urlparse(self.path).path.rstrip("/")
+    def _get(self, path: str) -> None:
         app = self.app
         card = {"id": app.model_id, "object": "model", "created": app.created, "owned_by": "pipo_mlx"}
         if path == "/health":
@@ -124,51 +177,72 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(200 if ok else 503, {"status": "ok" if ok else "unavailable", **app.engine.stats()})
         elif path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [card]})
-        elif path.startswith("/v1/models/") and path[len("/v1/models/"):] in app.model_names:
+        elif path.startswith("/v1/models/") and known_name(path[len("/v1/models/"):], app.model_names):
             self._send_json(200, card)
         else:
-            self._send_json(404, ApiError(404, f"no such resource: GET {path}", code="not_found").body())
+            self._send_error(ApiError(404, f"no such resource: GET {path}", code="not_found"))
 
     # -- POST ---------------------------------------------------------------------
 
-    def do_POST(self) -> None:
+    def _post(self, path: str) -> None:
         app = self.app
         try:
-            kind = ROUTES.get(urlparse(self.path).path.rstrip("/"))
+            kind = ROUTES.get(path)
             if kind is None:
                 raise ApiError(404, f"no such endpoint: POST {self.path}", code="not_found")
+            if self.anthropic and (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+                raise ApiError(415, "the request body must be sent as Content-Type: application/json")
             body = self._read_body()
-            request = parse_request(body, kind, app.defaults, app.tokenizer, app.tokenizer_lock,
-                                    app.context_length)
-            if request.model is not None and request.model not in app.model_names:
+            if self.anthropic:
+                request = parse_messages(body, app.message_defaults, app.tokenizer, app.tokenizer_lock,
+                                         app.context_length, count_only=kind == "count_tokens")
+            else:
+                request = parse_request(body, kind, app.defaults, app.tokenizer, app.tokenizer_lock,
+                                        app.context_length)
+            if not known_name(request.model, app.model_names):
                 raise ApiError(404, f"the model {request.model!r} is not served here; this server "
                                     f"serves {app.model_id!r} (GET /v1/models)", "model", "model_not_found")
         except ApiError as e:
-            self._send_json(e.status, e.body())
+            self._send_error(e)
+            return
+        if kind == "count_tokens":
+            self._send_json(200, {"input_tokens": len(request.prompt)})
             return
         job = app.engine.submit(Job(
             prompt=request.prompt, max_tokens=request.max_tokens, sampling=request.sampling,
             conf_threshold=request.conf_threshold, draft=request.draft, stop=request.stop, logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
         ))
-        reply = Reply(request, app.tokenizer, app.model_id, int(time.time()))
+        if self.anthropic:
+            reply = MessageReply(request, app.tokenizer, app.model_id)
+        else:
+            reply = Reply(request, app.tokenizer, app.model_id, int(time.time()))
         try:
-            if request.stream:
+            if request.stream and self.anthropic:
+                self._stream_messages(job, reply)
+            elif request.stream:
                 self._stream(job, reply)
             else:
                 self._complete(job, reply, request)
         except (BrokenPipeError, ConnectionResetError):
             job.cancel()
 
-    def _next_event(self, job: Job):
-        """The engine's next event; None if the client left meanwhile (the job is cancelled)."""
+    def _next_event(self, job: Job, idle=None):
+        """The engine's next event; None if the client left meanwhile (the job is cancelled).
+
+        `idle` is called whenever the engine has been quiet for a while (a stream's ping)."""
         while True:
             try:
-                return job.events.get(timeout=KEEPALIVE_SECONDS)
+                event = job.events.get(timeout=KEEPALIVE_SECONDS)
+                if isinstance(event, Finished):
+                    self.finished = event
+                return event
             except Empty:
                 if self._client_gone():
                     job.cancel()
                     return None
+                if idle is not None:
+                    idle()
 
     def _complete(self, job: Job, reply: Reply, request: ApiRequest) -> None:
         while True:
@@ -176,8 +250,7 @@ class Handler(BaseHTTPRequestHandler):
             if event is None:
                 return
             if isinstance(event, Failed):
-                status = 400 if isinstance(event.error, PipoError) else 500
-                self._send_json(status, error_body(str(event.error), status))
+                self._send_error(self._failure(event.error))
                 return
             if isinstance(event, Finished):
                 self._send_json(200, reply.body(event))
@@ -187,18 +260,21 @@ class Handler(BaseHTTPRequestHandler):
                 job.cancel()
                 return
 
-    def _stream(self, job: Job, reply: Reply) -> None:
+    def _start_stream(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
         self.close_connection = True
+
+    def _stream(self, job: Job, reply: Reply) -> None:
+        self._start_stream()
         while True:
             event = self._next_event(job)
             if event is None:
                 return
             if isinstance(event, Failed):
-                self._send_event(error_body(str(event.error)))
+                self._send_event(self._failure(event.error).body())
                 break
             if isinstance(event, Finished):
                 for chunk in reply.final_chunks(event):
@@ -209,6 +285,29 @@ class Handler(BaseHTTPRequestHandler):
             if chunk is not None:
                 self._send_event(chunk)
         self._send_event("[DONE]")
+
+    def _send_named(self, body: Dict[str, Any]) -> None:
+        self.wfile.write(f"event: {body['type']}\ndata: {json.dumps(body)}\n\n".encode())
+        self.wfile.flush()
+
+    def _stream_messages(self, job: Job, reply: MessageReply) -> None:
+        """The Messages API's stream: message_start, the blocks' events, message_delta, message_stop."""
+        self._start_stream()
+        self._send_named(reply.start())
+        ping = {"type": "ping"}
+        self._send_named(ping)
+        while True:
+            event = self._next_event(job, idle=lambda: self._send_named(ping))
+            if event is None:
+                return
+            if isinstance(event, Failed):
+                failure = self._failure(event.error)
+                self._send_named(anthropic_error(failure.status, failure.message))
+                return
+            for out in reply.finish(event) if isinstance(event, Finished) else reply.add(event):
+                self._send_named(out)
+            if isinstance(event, Finished):
+                return
 
 
 class Server(ThreadingHTTPServer):
@@ -232,9 +331,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     g = p.add_argument_group("defaults for requests that leave a field out")
     g.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply (default 512)")
-    g.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
-    g.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0: off)")
+    g.add_argument("--temp", type=float, help="sampling temperature (default: 0, greedy, on the OpenAI routes "
+                   "as mlx_lm.server; on /v1/messages the model's generation_config.json, else the paper's "
+                   "1.0 with --top-p 0.95 --top-k 20)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass (default: 1, off; /v1/messages as --temp)")
+    g.add_argument("--top-k", type=int, help="top-k sampling (default: 0, off; /v1/messages as --temp)")
     g.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (default 0: off)")
     g.add_argument("--conf-threshold", type=float,
                    help="keep a drafted token2 when the confidence reaches this (default: the "
@@ -259,6 +360,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-bits", type=int,
                    help="refused: requests decode as rows of one batch, and mlx-lm's batch caches "
                    "cannot be quantized (generate.py has --kv-bits)")
+    add_access_args(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -296,17 +398,20 @@ def make_server(args: argparse.Namespace) -> Server:
     tokenizer.model_max_length = 1 << 62  # our own context check speaks instead of its warning
     engine = Engine(model, tokenizer, budget, args.max_concurrent, args.prefill_step_size,
                     make_token2_head(model, args.token2_head), args.max_kv_size).start()
-    model_id = args.model or "pipo-stdlib"
-    names = {model_id, "default_model"}
-    if Path(model_id).expanduser().exists():
-        path = Path(model_id).expanduser().resolve()
-        names |= {str(path), path.name}
+    model_id, names = model_names(args.model or "pipo-stdlib", args.served_model_name)
+    given = {"temperature": args.temp, "top_p": args.top_p, "top_k": args.top_k}
+
+    def defaults(base: Dict[str, float]) -> Defaults:
+        s = {k: base[k] if v is None else v for k, v in given.items()}
+        return Defaults(args.max_tokens, s["temperature"], s["top_p"], s["top_k"], args.min_p, args.conf_threshold,
+                        args.draft)
+
     app = App(
-        engine=engine, tokenizer=tokenizer, model_id=model_id, model_names=frozenset(names),
-        context_length=model.args.max_position_embeddings,
-        defaults=Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p, args.conf_threshold,
-                          args.draft),
+        engine=engine, tokenizer=tokenizer, model_id=model_id, model_names=names,
+        context_length=model.args.max_position_embeddings, defaults=defaults(GREEDY),
         max_request_bytes=args.max_request_bytes, created=int(time.time()), tokenizer_lock=threading.Lock(),
+        message_defaults=defaults(default_sampling(model_folder(args.model))), api_key=args.api_key,
+        allowed_origins=args.allowed_origins,
     )
     try:
         return Server((args.host, args.port), app)
@@ -319,14 +424,18 @@ def run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     server = make_server(args)
     host, port = server.server_address[:2]
-    logging.info("serving %s on http://%s:%d (no authentication; Ctrl-C stops)", server.app.model_id, host, port)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    keyed = "API key required" if args.api_key else "no authentication"
+    logging.info("serving %s on http://%s:%d (%s; Ctrl-C or SIGTERM stops)", server.app.model_id, host, port, keyed)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logging.warning("bound to %s: anyone who can reach it can use the model", args.host)
+    stop_on_sigterm(server.shutdown)
     try:
         server.serve_forever()
     finally:
-        server.server_close()
+        server.server_close()  # no new connections; open requests end with an event saying why
         server.app.engine.stop()
+        server.app.inflight.wait(STOP_SECONDS)
+        logging.info("stopped")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
