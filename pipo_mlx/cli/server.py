@@ -321,8 +321,9 @@ class Server(ThreadingHTTPServer):
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Serve a PIPO model over an OpenAI-compatible HTTP API (chat and text "
-        "completions, streaming or not), with prompt caching across requests. The server "
-        "has NO authentication: it binds to 127.0.0.1 unless told otherwise.",
+        "completions, streaming or not) and Anthropic's Messages API, with prompt caching across "
+        "requests. The server has NO authentication unless --api-key is given: it binds to "
+        "127.0.0.1 unless told otherwise.",
     )
     p.add_argument("--model", help="folder written by convert.py or train_heads.py --fuse, or a hub "
                    "repo id of a merged PIPO checkpoint (default: the shipped demo model)")
