@@ -39,15 +39,6 @@ from .token2_head import DEFAULT_TOKEN2_HEAD, Token2Head, make_token2_head
 
 
 @dataclass
-class BatchResponse:
-    uid: int
-    token: int
-    logprobs: mx.array  # [V], after the row's logits processors
-    from_draft: bool  # a token2, drafted by the MTP head and kept
-    finish_reason: Optional[str]  # "stop" (end of sequence), "length", or None
-
-
-@dataclass
 class _Row:
     uid: int
     max_tokens: int  # -1: no limit
@@ -58,6 +49,8 @@ class _Row:
     keep_rate: KeepRate
     history: Optional[mx.array]  # what the processors see: every token read, PADs included
     tokens: List[int] = field(default_factory=list)  # what the row's caches have read, in pairs
+    max_steps: int = 0  # decode steps the model's context has room for
+    steps: int = 0
     produced: int = 0
     done: bool = False
     started: bool = False  # the first step reads the prompt's last pair, already in `history`
@@ -76,6 +69,16 @@ class _Step:
 
 class BatchGenerator:
     """Decode many prompts at once; `insert` rows at any time, call `next` for each step."""
+
+    @dataclass
+    class Response:
+        """One generated token of one row (mlx-lm's `GenerationBatch.Response`, PIPO's fields)."""
+
+        uid: int
+        token: int
+        logprobs: mx.array  # [V], after the row's logits processors
+        from_draft: bool  # a token2, drafted by the MTP head and kept
+        finish_reason: Optional[str]  # "stop" (end of sequence), "length", or None
 
     def __init__(
         self,
@@ -140,7 +143,7 @@ class BatchGenerator:
         "always", "never"; see `generate_step`).
         """
         ids = pair_up([int(t) for t in prompt], self.pad)
-        check_request(self.model, ids, max_tokens)
+        max_steps = check_request(self.model, ids, max_tokens)
         threshold = check_threshold(recommended_threshold(self.model, conf_threshold))
         mode = check_draft(draft)
         cache = make_prompt_cache(self.model, self.max_kv_size, keep=0) if prompt_cache is None else prompt_cache
@@ -162,7 +165,7 @@ class BatchGenerator:
         history = mx.array(ids) if logits_processors else None
         self.rows[uid] = _Row(uid, max_tokens, threshold, sampler or greedy_sampler,
                               list(logits_processors or []), mode, KeepRate(self.schedule.cost),
-                              history, list(ids))
+                              history, list(ids), max_steps)
         self.joining.append((uid, cache.layers, ids[-2:]))
         return uid
 
@@ -331,7 +334,7 @@ class BatchGenerator:
                 v.relax(self.schedule.cost)
         return drafting
 
-    def next(self) -> List[BatchResponse]:
+    def next(self) -> List["BatchGenerator.Response"]:
         """One decode step of every row: each yields one or two tokens (none on the first call
         after an idle batch, whose step is only queued)."""
         with mx.stream(generation_stream):
@@ -344,7 +347,7 @@ class BatchGenerator:
             return self.next() if self.in_flight is not None else []
         return self._read(previous)
 
-    def _read(self, step: _Step) -> List[BatchResponse]:
+    def _read(self, step: _Step) -> List["BatchGenerator.Response"]:
         responses = []
         out = step.out.tolist()
         if step.drafted:
@@ -359,53 +362,15 @@ class BatchGenerator:
             if row is None or row.done:
                 continue
             row.tokens += [t1, t2 if keep else self.pad]
-            for token, lp, draft in ((t1, step.logprobs[0], False), (t2, step.logprobs[-1], True)):
-                if draft and not keep:  # a step that did not draft never keeps token2
-                    break
+            row.steps += 1
+            # A step that did not draft never keeps token2.
+            tokens = [(t1, step.logprobs[0], False)] + ([(t2, step.logprobs[-1], True)] if keep else [])
+            for j, (token, lp, draft) in enumerate(tokens):
                 row.produced += 1
-                finish = "stop" if token in self.eos else "length" if row.produced == row.max_tokens else None
-                responses.append(BatchResponse(row.uid, token, lp[i], draft, finish))
+                full = row.produced == row.max_tokens or (j == len(tokens) - 1 and row.steps == row.max_steps)
+                finish = "stop" if token in self.eos else "length" if full else None
+                responses.append(self.Response(row.uid, token, lp[i], draft, finish))
                 if finish:
                     self._end(row)
                     break
         return responses
-
-
-def batch_generate(
-    model: PipoModel,
-    tokenizer: Any,
-    prompts: Sequence[Union[str, Sequence[int]]],
-    max_tokens: Union[int, Sequence[int]] = DEFAULT_MAX_TOKENS,
-    sampler: Optional[Sampler] = None,
-    conf_threshold: Union[None, float, Sequence[Optional[float]]] = None,
-    draft: Optional[str] = None,
-    **kwargs: Any,
-) -> List[str]:
-    """The replies to `prompts` (text or token ids), decoded together in one batch.
-
-    `max_tokens` and `conf_threshold` may be one value or one per prompt; `draft`
-    applies to every row; the other options are `BatchGenerator`'s
-    (`prefill_step_size`, `token2_head`).
-    """
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-
-    if not isinstance(tokenizer, TokenizerWrapper):
-        tokenizer = TokenizerWrapper(tokenizer)
-    n = len(prompts)
-    budgets = [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
-    thresholds = list(conf_threshold) if isinstance(conf_threshold, (list, tuple)) else [conf_threshold] * n
-    gen = BatchGenerator(model, tokenizer.eos_token_ids, **kwargs)
-    detokenizers = {}
-    for prompt, budget, threshold in zip(prompts, budgets, thresholds):
-        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        uid = gen.insert(ids, budget, sampler=sampler, conf_threshold=threshold, draft=draft)
-        detokenizers[uid] = tokenizer.detokenizer
-    while len(gen):
-        for r in gen.next():
-            if r.token not in tokenizer.eos_token_ids:
-                detokenizers[r.uid].add_token(r.token)
-    texts = []
-    for d in detokenizers.values():
-        d.finalize()
-        texts.append(d.text)
-    return texts

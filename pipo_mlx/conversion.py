@@ -6,6 +6,7 @@ Three sources are accepted (docs/design.md §3):
   c. a plain Qwen3.5 model, which gets fresh heads for `train_heads.py`.
 """
 
+import sys
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -28,7 +29,7 @@ from .hf_io import (
     resolve,
 )
 from .model import HEAD_PREFIXES
-from .model_io import cast, pad_token_id, save_folder
+from .model_io import UNTRAINED_KEY, cast, pad_token_id, save_folder
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 ARCHITECTURE = "Qwen3_5ForCausalPIPO"  # the name the authors' training tool stores
@@ -279,7 +280,10 @@ def convert(
     # tensors, so each source is freed once its output tensor is evaluated below.
     del weights, origin
     if fresh:
-        print(f"[INFO] initialised fresh {', '.join(fresh)} (train them with train_heads.py)")
+        print(f"[INFO] initialised fresh {', '.join(fresh)} (train them with train_heads.py)",
+              file=sys.stderr)
+        # Read by model_io.load, which warns; training's fused output drops the mark.
+        pipo[UNTRAINED_KEY] = fresh
     if adapter_dir is not None or fresh:
         # The source is the base itself: the benchmark and calibration compare against it.
         pipo["base_model"] = base_source(hf_path)

@@ -78,20 +78,30 @@ def check_threshold(value: float) -> float:
     return float(value)
 
 
-def check_request(model: PipoModel, ids: List[int], max_tokens: int, held: int = 0) -> None:
+def context_steps(model: PipoModel, held: int, paired: int) -> int:
+    """How many decode steps fit in the model's context after `held` cached tokens and
+    a prompt of `paired` tokens: each step adds one pair to what the backbone reads."""
+    return (model.args.max_position_embeddings - held - paired) // 2
+
+
+def check_request(model: PipoModel, ids: List[int], max_tokens: int, held: int = 0) -> int:
     """A decode request checked: its budget, and its paired prompt on top of the `held`
-    tokens a prompt cache already has against the model's context."""
+    tokens a prompt cache already has against the model's context. Returns the
+    decode steps left in the context (at least one)."""
     if max_tokens == 0 or max_tokens < -1:
         raise PipoError(f"max_tokens must be positive (or -1 for no limit), got {max_tokens}")
     if not ids:
         raise PipoError("the prompt is empty; give at least one token of text")
     limit = model.args.max_position_embeddings
-    if held + len(ids) > limit:
+    steps = context_steps(model, held, len(ids))
+    if steps < 1:
         on_top = f" on top of the {held} already in the cache" if held else ""
+        what = "more than" if held + len(ids) > limit else "which leaves no room for a reply in"
         raise PipoError(
-            f"the prompt has {len(ids)} tokens{on_top}, more than the model's context of "
+            f"the prompt has {len(ids)} tokens{on_top}, {what} the model's context of "
             f"{limit}; shorten it{' or start a new conversation' if held else ''}"
         )
+    return steps
 
 
 class _Step(NamedTuple):
@@ -124,9 +134,11 @@ def generate_step(
     """Yield (token, logprobs, is_token2) for each generated token, PADs never.
 
     Stops by itself: an EOS as token1 ends generation and drops token2, an EOS
-    as token2 ends it after token2, and exactly `max_tokens` tokens are yielded
-    at most (-1: no limit). A dropped token2 enters the caches as PAD, so after
-    the call `prompt_cache.tokens` is the prompt plus what was yielded, in pairs.
+    as token2 ends it after token2, exactly `max_tokens` tokens are yielded
+    at most (-1: no limit), and the model's context is never passed: the step
+    that fills it does not draft, so its token1 is the last token. A dropped
+    token2 enters the caches as PAD, so after the call `prompt_cache.tokens` is
+    the prompt plus what was yielded, in pairs.
     `draft` says which steps run the MTP head: "auto" (the default) while its
     drafts pay for themselves (`drafting.py`), "always", or "never" (the same
     as a threshold of 1 or more). `token2_head` is a `make_token2_head` spec or
@@ -147,7 +159,7 @@ def generate_step(
 
     pad = model.pad_token_id
     ids = pair_up(ids, pad)
-    check_request(model, ids, max_tokens, held=len(cache.tokens))
+    max_steps = check_request(model, ids, max_tokens, held=len(cache.tokens))
     # A threshold >= 1 never keeps token2: skip the MTP outright, as "never" does.
     use_mtp = threshold < 1 and mode != "never"
     schedule = DraftSchedule(draft_cost(model))
@@ -223,8 +235,11 @@ def generate_step(
         next_pair = mx.stack([token1, mx.where(keep, token2, pad)], axis=1)
         return _Step(out, next_pair, h, remaining, (logprobs1, logprobs2), True)
 
-    def drafts() -> bool:
-        """Whether the step about to be built runs the MTP head."""
+    def drafts(number: int) -> bool:
+        """Whether step `number` (the one about to be built) runs the MTP head: never
+        the step that fills the context, so that the caller knows its token1 ends."""
+        if number >= max_steps:
+            return False
         drafting = use_mtp and schedule.decide([keep_rate.value], forced=mode == "always")
         if not drafting:
             keep_rate.relax(schedule.cost)
@@ -245,14 +260,14 @@ def generate_step(
         history = mx.array(cache.tokens) if logits_processors else None
         # On the device only to drop a token2 past the budget; without drafts, the host counts.
         budget = mx.array([max_tokens]) if max_tokens > 0 and use_mtp else None
-        current = last = step(mx.array([ids[-2:]]), history, budget, drafts())
+        current = last = step(mx.array([ids[-2:]]), history, budget, drafts(1))
         queue(current)
         produced = 0
         try:
             for n in itertools.count(1):
                 if history is not None:
                     history = mx.concatenate([history, current.pair[0]])
-                last = step(current.pair, history, current.remaining, drafts())
+                last = step(current.pair, history, current.remaining, drafts(n + 1))
                 queue(last)
                 if current.drafted:
                     token1, token2, keep = current.out.tolist()
@@ -263,7 +278,7 @@ def generate_step(
                 cache.tokens += [token1, token2 if keep else pad]
                 produced += 1
                 yield token1, current.logprobs[0], False
-                if token1 in eos or produced == max_tokens:
+                if token1 in eos or produced == max_tokens or n == max_steps:
                     break
                 if keep:
                     produced += 1
@@ -309,6 +324,10 @@ def stream_generate(
             prompt, add_special_tokens=bos is None or not prompt.startswith(bos)
         )
     prompt_tokens = prompt.size if isinstance(prompt, mx.array) else len(prompt)
+    cache = kwargs.get("prompt_cache")
+    held = len(cache.tokens) if isinstance(cache, PromptCache) else 0
+    # generate_step ends on the token1 of this step, the last the context holds.
+    max_steps = context_steps(model, held, prompt_tokens + prompt_tokens % 2)
     eos = tokenizer.eos_token_ids
     detokenizer = tokenizer.detokenizer
     tokens = generate_step(prompt, model, eos_token_ids=eos, max_tokens=max_tokens, **kwargs)
@@ -325,7 +344,7 @@ def stream_generate(
             kept += from_draft
             steps += not from_draft
             finish_reason = None
-            if token in eos or n == max_tokens:
+            if token in eos or n == max_tokens or (not from_draft and steps == max_steps):
                 finish_reason = "stop" if token in eos else "length"
                 tokens.close()  # settle the prompt cache before the caller can reuse it
             if token not in eos:

@@ -22,7 +22,7 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .batch import BatchGenerator, BatchResponse
+from .batch import BatchGenerator
 from .decode import DEFAULT_PREFILL_STEP_SIZE
 from .model import PipoModel
 from .prompt_cache import PromptCacheStore, pair_up, prefill
@@ -281,7 +281,7 @@ class Engine:
             if r is not None:
                 self._advance(r, response)
 
-    def _advance(self, r: _Running, response: BatchResponse) -> None:
+    def _advance(self, r: _Running, response: BatchGenerator.Response) -> None:
         token, logprobs = response.token, response.logprobs
         if r.n == 0:
             r.ttft = time.perf_counter() - r.started

@@ -1,8 +1,10 @@
 """MLX PIPO model folders: loading them, and writing them atomically."""
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
@@ -16,6 +18,11 @@ from . import backbones
 from .backbones import Backbone
 from .errors import PipoError
 from .hf_io import read_json
+
+# The `pipo` config field naming the heads a conversion initialised fresh; their
+# output is noise until training, whose fused model no longer has the field.
+UNTRAINED_KEY = "untrained_heads"
+_warned_untrained = set()  # folders already warned about in this process
 
 
 def pad_token_id(tokenizer: Any, backbone: Backbone, where: Path) -> int:
@@ -53,10 +60,53 @@ def load(path: str, lazy: bool = False) -> Tuple[nn.Module, TokenizerWrapper]:
         )
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise PipoError(f"{folder}: cannot load the weights ({e}); convert it again") from None
+    warn_untrained(folder, config["pipo"].get(UNTRAINED_KEY))
+    model.identity = model_identity(folder)
     tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
     if model.args.pad_token_id is None:
         model.args.pad_token_id = pad_token_id(tokenizer, backbone, folder)
     return model, tokenizer
+
+
+# Fields a tool may rewrite in place without changing what the model computes.
+_TUNABLE = ("conf_threshold", "draft_cost", "base_model", UNTRAINED_KEY)
+_SAMPLES = 16  # chunks read from each weight file for its fingerprint
+_SAMPLE_BYTES = 1 << 16
+
+
+def model_identity(folder: Path, adapter_path: Optional[str] = None) -> str:
+    """A fingerprint of the weights a model folder (and adapter) holds, for prompt-cache
+    files: the config without its tunable fields, and for each weight file its name,
+    size and evenly spread samples of its bytes. Reading a few chunks instead of the
+    whole file keeps it fast; a fine-tune changes every tensor, so the samples differ."""
+    digest = hashlib.sha256()
+    config = read_json(folder / "config.json", "a model folder")
+    config["pipo"] = {k: v for k, v in config.get("pipo", {}).items() if k not in _TUNABLE}
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    files = sorted(folder.glob("*.safetensors"))
+    if adapter_path is not None:  # its checkpoints sit in step folders
+        files += sorted(Path(adapter_path).expanduser().rglob("*.safetensors"))
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            for i in range(_SAMPLES):
+                f.seek(size * i // _SAMPLES)
+                digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def warn_untrained(folder: Path, heads: Optional[list]) -> None:
+    """Say once per folder, on stderr, that its heads were never trained."""
+    where = folder.resolve()
+    if not heads or where in _warned_untrained:
+        return
+    _warned_untrained.add(where)
+    print(
+        f"[WARN] {folder}: its PIPO heads ({', '.join(heads)}) were never trained, so the "
+        "text it generates is noise; train them with train_heads.py and use its --fuse output",
+        file=sys.stderr,
+    )
 
 
 def cast(model: nn.Module, dtype: mx.Dtype) -> None:

@@ -4,8 +4,12 @@ import pytest
 from hf_reference import random_ids
 from mlx_lm.sample_utils import make_logits_processors
 
-from pipo_mlx import PipoError, load
-from pipo_mlx.batch import BatchGenerator, batch_generate
+from mlx_lm.generate import BatchResponse as MlxBatchResponse
+from mlx_lm.generate_utils import BatchStats
+
+from pipo_mlx import PipoError, load, make_prompt_cache, stream_generate
+from pipo_mlx.batch import BatchGenerator
+from pipo_mlx.batch_api import batch_generate
 from pipo_mlx.decode import generate, generate_step
 
 
@@ -126,10 +130,56 @@ def test_batch_generate_gives_each_prompt_its_single_reply(lib):
     model, tokenizer = lib
     prompts = ["def add(a, b):", "import os\n", "class Point:\n    def"]
     thresholds = [-1.0, 0.5, 1.0]
-    texts = batch_generate(model, tokenizer, prompts, max_tokens=12, conf_threshold=thresholds,
-                           draft="always")
-    for prompt, t, text in zip(prompts, thresholds, texts):
+    result = batch_generate(model, tokenizer, prompts, max_tokens=12, conf_threshold=thresholds,
+                            draft="always")
+    for prompt, t, text in zip(prompts, thresholds, result.texts):
         assert text == generate(model, tokenizer, prompt, max_tokens=12, conf_threshold=t, draft="always")
+    assert result.caches is None and result.token_ids is None and result.logprobs is None
+
+
+def test_batch_generate_answers_as_mlx_lm_does(lib):
+    """mlx-lm's `BatchResponse` fields, each against the single-sequence decoder."""
+    model, tokenizer = lib
+    eos = tokenizer.eos_token_ids
+    prompts = [random_ids(1, n, seed=200 + n)[0].tolist() for n in (5, 8, 11)]
+    result = batch_generate(model, tokenizer, prompts, max_tokens=[9, 10, 11], conf_threshold=-1.0,
+                            draft="always", return_prompt_caches=True, return_token_ids=True,
+                            return_logprobs=True)
+    assert isinstance(result, MlxBatchResponse) and isinstance(result.stats, BatchStats)
+    produced = 0
+    for i, ids in enumerate(prompts):
+        want = list(stream_generate(model, tokenizer, ids, max_tokens=9 + i, conf_threshold=-1.0,
+                                    draft="always"))
+        produced += len(want)
+        assert result.token_ids[i] == [r.token for r in want if r.token not in eos]
+        assert result.logprobs[i] == pytest.approx(
+            [r.logprobs[r.token].item() for r in want if r.token not in eos], abs=1e-4)
+        assert (result.steps[i], result.token2_kept[i]) == (want[-1].steps, want[-1].token2_kept)
+        # The returned cache holds prompt and reply: going on from it equals a fresh
+        # run over everything it read, PADs of dropped drafts included.
+        cache = result.caches[i]
+        read = list(cache.tokens)
+        assert read[: len(ids)] == ids
+        on = [r.token for r in stream_generate(model, tokenizer, [7, 9], max_tokens=6,
+                                                   prompt_cache=cache, conf_threshold=-1.0, draft="always")]
+        fresh = [r.token for r in stream_generate(model, tokenizer, read + [7, 9], max_tokens=6,
+                                                      conf_threshold=-1.0, draft="always")]
+        assert on == fresh
+    assert result.stats.prompt_tokens == sum(len(p) for p in prompts)
+    assert result.stats.generation_tokens == produced
+
+
+def test_batch_generate_goes_on_from_prompt_caches_and_leaves_them(lib):
+    model, tokenizer = lib
+    head, tail = random_ids(1, 12, seed=300)[0].tolist(), [21, 22, 23]
+    cache = make_prompt_cache(model)
+    list(stream_generate(model, tokenizer, head, max_tokens=4, prompt_cache=cache, draft="always"))
+    held = list(cache.tokens)
+    result = batch_generate(model, tokenizer, [tail, head + tail], prompt_caches=[cache, None],
+                            max_tokens=8, return_token_ids=True, draft="always")
+    assert cache.tokens == held  # the caller's cache is not filled further
+    want = [r.token for r in stream_generate(model, tokenizer, held + tail, max_tokens=8, draft="always")]
+    assert result.token_ids[0] == [t for t in want if t not in tokenizer.eos_token_ids]
 
 
 def test_bad_rows_are_refused(lib):

@@ -166,10 +166,11 @@ def parse_request(
     if not request.prompt:
         raise ApiError(400, "the prompt is empty", "messages" if kind == "chat" else "prompt", "invalid_value")
     paired = len(request.prompt) + len(request.prompt) % 2
-    if paired > context_length:
+    if paired + 2 > context_length:  # a reply needs at least one more pair
+        what = "more than" if paired > context_length else "which leaves no room for a reply in"
         raise ApiError(
             400,
-            f"the prompt has {len(request.prompt)} tokens, more than the model's context of "
+            f"the prompt has {len(request.prompt)} tokens, {what} the model's context of "
             f"{context_length}; shorten it",
             "messages" if kind == "chat" else "prompt",
             "context_length_exceeded",
