@@ -1,6 +1,6 @@
 """The Qwen3.5-4B path at its true geometry, from random weights: what a user runs.
 
-    python benchmarks/real_size.py             # 35 minutes on 2 CPU cores, 24 GB, 40 GB of disk
+    python benchmarks/real_size.py             # 50 minutes on 2 CPU cores, 24 GB, 40 GB of disk
     python benchmarks/real_size.py --tiny      # every stage at a toy geometry: the CI run
 
 Nothing can be downloaded here, so the script writes a checkpoint with exactly
@@ -24,10 +24,11 @@ and walks the user's path with them:
    stage casts the bfloat16 output to float32 in memory; a float32 decode step
    reads its weights at memory bandwidth, as a Mac's GPU does.
 4. train: train_heads.py at V = 248,320 on the full 32 layers at 2048 tokens
-   (--grad-checkpoint), and on a 4-layer copy at 512 tokens beside
-   `mlx_lm.lora` (rank 64 on the same seven projections) in the same run, in
-   float32 on both sides, and with bfloat16 weights; then OPD on the 4-layer
-   copy with its base as teacher.
+   (--grad-checkpoint), with bfloat16 weights and with the 4-bit conversion
+   (QLoRA: LoRA over the quantized backbone, the heads in float), and on a
+   4-layer copy at 512 tokens beside `mlx_lm.lora` (rank 64 on the same seven
+   projections) in the same run, in float32 on both sides, and with bfloat16
+   and 4-bit weights; then OPD on the 4-layer copy with its base as teacher.
 
 Each measured command runs as its own process, and its peak resident memory
 is the kernel's count for that process. Stages are resumable: results go to
@@ -436,6 +437,8 @@ def stage_train(a: argparse.Namespace, work: Path) -> Dict[str, Any]:
                                     "--dtype", "float32")),
         ("pipo-short-bf16", python("convert.py", "--hf-path", str(short / "base"),
                                    "--adapter-path", str(short / "adapter"))),
+        ("pipo-short-4bit", python("convert.py", "--hf-path", str(short / "base"),
+                                   "--adapter-path", str(short / "adapter"), "-q")),
     ):
         models[name] = work / name
         if not models[name].is_dir():
@@ -445,6 +448,9 @@ def stage_train(a: argparse.Namespace, work: Path) -> Dict[str, Any]:
         train_run(f"pipo {a.layers}-layer bf16, grad checkpoint", ours(
             work / "pipo-bf16", data_full, work / "adapter-full", seq_full, "--grad-checkpoint"),
             work, seq_full),
+        train_run(f"pipo {a.layers}-layer 4-bit QLoRA, grad checkpoint", ours(
+            work / "pipo-4bit", data_full, work / "adapter-full-4bit", seq_full,
+            "--grad-checkpoint"), work, seq_full),
         train_run(f"pipo {a.short_layers}-layer f32", ours(models["pipo-short-f32"], data_short, work / "adapter-short",
                                          seq_short), work, seq_short),
         train_run(f"mlx_lm.lora {a.short_layers}-layer f32", mlx_lm_lora(
@@ -452,6 +458,9 @@ def stage_train(a: argparse.Namespace, work: Path) -> Dict[str, Any]:
             work, seq_short),
         train_run(f"pipo {a.short_layers}-layer bf16", ours(models["pipo-short-bf16"], data_short,
                                           work / "adapter-short-bf16", seq_short), work, seq_short),
+        train_run(f"pipo {a.short_layers}-layer 4-bit QLoRA", ours(
+            models["pipo-short-4bit"], data_short, work / "adapter-short-4bit", seq_short),
+            work, seq_short),
     ]
     opd = train_run(f"pipo {a.short_layers}-layer bf16 OPD", ours(
         models["pipo-short-bf16"], prompts, work / "adapter-opd", max(seq_short, 128), "--stage", "opd",

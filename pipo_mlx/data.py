@@ -6,6 +6,7 @@ the batches an uninterrupted one would have.
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -240,10 +241,12 @@ def load_dataset(
         print(
             f"[INFO] {path}: {truncated} record(s) longer than --max-seq-length {max_len} "
             f"truncated ({dropped} dropped: no completion left)",
+            file=sys.stderr,
             flush=True,
         )
     if empty:
-        print(f"[INFO] {path}: {empty} record(s) with an empty completion left out", flush=True)
+        print(f"[INFO] {path}: {empty} record(s) with an empty completion left out",
+              file=sys.stderr, flush=True)
     return examples
 
 
@@ -262,7 +265,8 @@ def load_data(
     if (folder / "valid.jsonl").exists():
         valid = load_dataset(folder / "valid.jsonl", tokenizer, pad, *limits)
     else:
-        print(f"[INFO] no {folder / 'valid.jsonl'}: training without validation", flush=True)
+        print(f"[INFO] no {folder / 'valid.jsonl'}: training without validation",
+              file=sys.stderr, flush=True)
     return train, valid
 
 

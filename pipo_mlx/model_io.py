@@ -40,8 +40,12 @@ def pad_token_id(tokenizer: Any, backbone: Backbone, where: Path) -> int:
     )
 
 
-def load(path: str, lazy: bool = False) -> Tuple[nn.Module, TokenizerWrapper]:
-    """Load a folder written by `convert.py` (or `train_heads.py --fuse`)."""
+def load(
+    path: str, lazy: bool = False, adapter_path: Optional[str] = None
+) -> Tuple[nn.Module, TokenizerWrapper]:
+    """Load a folder written by `convert.py` (or `train_heads.py --fuse`); with
+    `adapter_path`, a `train_heads.py` checkpoint on top, unfused (as mlx_lm.load
+    puts LoRA adapters on a model)."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise PipoError(f"model folder {folder} does not exist; convert one with convert.py")
@@ -60,11 +64,16 @@ def load(path: str, lazy: bool = False) -> Tuple[nn.Module, TokenizerWrapper]:
         )
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise PipoError(f"{folder}: cannot load the weights ({e}); convert it again") from None
-    warn_untrained(folder, config["pipo"].get(UNTRAINED_KEY))
-    model.identity = model_identity(folder)
+    if adapter_path is None:  # an adapter brings trained heads
+        warn_untrained(folder, config["pipo"].get(UNTRAINED_KEY))
+    model.identity = model_identity(folder, adapter_path)
     tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
     if model.args.pad_token_id is None:
         model.args.pad_token_id = pad_token_id(tokenizer, backbone, folder)
+    if adapter_path is not None:
+        from .train_state import load_adapters  # it builds on this module
+
+        load_adapters(model, adapter_path)
     return model, tokenizer
 
 

@@ -60,6 +60,7 @@ class TrainConfig:
     resume: bool = False
     force: bool = False
     fuse: bool = False
+    dequantize: bool = False
 
     # What a resumed run may change: nothing here alters the data order, the
     # model being trained or the optimizer's rule. (`iters` does reshape the
@@ -77,6 +78,7 @@ class TrainConfig:
             "resume",
             "force",
             "fuse",
+            "dequantize",
             "adapter_path",
         }
     )
@@ -107,6 +109,8 @@ class TrainConfig:
             raise PipoError("--learning-rate must be positive and --min-lr-ratio in [0, 1]")
         if self.warmup < 0 or self.grad_clip < 0 or self.val_batches < -1 or self.val_batches == 0:
             raise PipoError("--warmup and --grad-clip must be >= 0; --val-batches >= 1 or -1 (all)")
+        if self.dequantize and not self.fuse:
+            raise PipoError("--dequantize is an option of --fuse; pass --fuse as well")
         if self.resume and self.force:
             raise PipoError("--resume continues a run and --force discards it; pass only one")
         if self.compute_dtype not in COMPUTE_DTYPES:

@@ -6,6 +6,7 @@ their loss is: supervised or distillation), `adapters` (what trains),
 """
 
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from datetime import timedelta
@@ -18,11 +19,10 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
 from . import backbones
-from .adapters import fuse_model, grad_checkpointing, setup_trainable
-from .hf_io import read_json
+from .adapters import dequantized_reads, grad_checkpointing, save_fused, setup_trainable
 from .interrupts import ctrl_c_noted
 from .model import PipoModel
-from .model_io import load, save_folder
+from .model_io import load
 from .rollouts import check_teacher
 from .stages import make_stage
 from .train_config import TrainConfig
@@ -55,10 +55,13 @@ def _checkpoint_then_stop() -> None:
     """The first Ctrl-C lets the loop checkpoint and stop after the current step;
     the default handler is back for a second one, which stops at once."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    print(
-        "\n[INFO] Ctrl-C: saving a checkpoint after this step (press again to quit now)",
-        flush=True,
-    )
+    info("\n[INFO] Ctrl-C: saving a checkpoint after this step (press again to quit now)")
+
+
+def info(line: str) -> None:
+    """Notes and warnings go to stderr, as the other tools' do; stdout carries the
+    training and validation figures."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def train(cfg: TrainConfig) -> PipoModel:
@@ -71,7 +74,7 @@ def train(cfg: TrainConfig) -> PipoModel:
         teacher, _ = check_teacher(cfg.teacher, tokenizer, model.args.vocab_size)
     stage = make_stage(cfg, model, tokenizer, teacher)
     mx.random.seed(cfg.seed)  # LoRA's initial A matrices
-    dtypes = setup_trainable(model, cfg)
+    tuning = setup_trainable(model, cfg)
     optimizer = make_optimizer(cfg)
     out = start_run(cfg)
     stage.prepare(out)
@@ -79,15 +82,16 @@ def train(cfg: TrainConfig) -> PipoModel:
 
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_all = sum(v.size for _, v in tree_flatten(model.parameters()))
-    print(
+    lora = "LoRA r=%d + heads" % cfg.lora_rank if cfg.lora else "heads only"
+    if tuning.quantized or any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+        lora += ", over quantized weights"
+    info(
         f"[INFO] {cfg.stage}: {stage.describe()}; trainable "
-        f"{n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters "
-        f"({'LoRA r=%d + heads' % cfg.lora_rank if cfg.lora else 'heads only'}), computing in "
-        f"{str(model.compute_dtype).split('.')[-1]}",
-        flush=True,
+        f"{n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters ({lora}), computing in "
+        f"{str(model.compute_dtype).split('.')[-1]}"
     )
     if step:
-        print(f"[INFO] resumed from step {step} in {out}", flush=True)
+        info(f"[INFO] resumed from step {step} in {out}")
 
     weights = (cfg.mtp_loss_weight, cfg.conf_loss_weight)
     loss_and_grad = nn.value_and_grad(model, stage.loss)
@@ -111,6 +115,7 @@ def train(cfg: TrainConfig) -> PipoModel:
         backbones.of(model).fast_training(model),
         backbones.of(model).fast_training(teacher) if teacher is not None else nullcontext(),
         grad_checkpointing(model, cfg.grad_checkpoint),
+        dequantized_reads(model, teacher),
         ctrl_c_noted(_checkpoint_then_stop) as stop_requested,
     ):
         if step == 0:
@@ -158,15 +163,10 @@ def train(cfg: TrainConfig) -> PipoModel:
             if step % cfg.save_every == 0 or step == cfg.iters or stop_requested():
                 save_checkpoint(out, step, model, optimizer)
             if stop_requested():
-                print(f"[INFO] saved step {step} in {out}; continue with --resume", flush=True)
+                info(f"[INFO] saved step {step} in {out}; continue with --resume")
                 raise KeyboardInterrupt
-    print(f"[INFO] step {step}: checkpoint in {out / f'step-{step:07d}'}", flush=True)
+    info(f"[INFO] step {step}: checkpoint in {out / f'step-{step:07d}'}")
     if cfg.fuse:
-        dst = out / "fused"
-        src = Path(cfg.model).expanduser()
-        config = read_json(src / "config.json", "a model folder")
-        save_folder(
-            dst, fuse_model(model, dtypes), config, tokenizer, src / "generation_config.json"
-        )
-        print(f"[INFO] fused model in {dst}", flush=True)
+        dst = save_fused(model, tuning, cfg.model, out / "fused", tokenizer, cfg.dequantize)
+        info(f"[INFO] fused model in {dst}")
     return model

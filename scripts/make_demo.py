@@ -38,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -341,8 +342,26 @@ def check_round_trip(work: Path, config: dict) -> None:
 
 
 def run_tool(cmd: List[str]) -> None:
+    """Run one of the repository's CLIs. Killed with SIGTERM, the recipe takes the
+    tool down with it (a training run left behind would hold the CPU and its run
+    folder) and exits non-zero."""
     log("$ " + " ".join(cmd))
-    subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
+    child = subprocess.Popen([sys.executable, *cmd], cwd=REPO)
+
+    def stop(signum: int, _frame) -> None:
+        # Raised out of the wait below (waiting here would deadlock on its lock).
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if child.poll() is None:  # SIGTERM or Ctrl-C stopped the wait
+            child.terminate()
+            child.wait()
+    if code:
+        raise subprocess.CalledProcessError(code, cmd)
 
 
 # -- 5b, 6: the teacher and the prompts -------------------------------------------------

@@ -45,8 +45,9 @@ def test_tiny_run_walks_every_stage(tmp_path, committed):  # noqa: F811
     assert all(row["ms_per_token"] > 0 for row in rows.values())
 
     runs = [row["run"] for row in r["train"]["rows"]]
-    assert runs == ["pipo 8-layer bf16, grad checkpoint", "pipo 4-layer f32",
-                    "mlx_lm.lora 4-layer f32", "pipo 4-layer bf16", "pipo 4-layer bf16 OPD"]
+    assert runs == ["pipo 8-layer bf16, grad checkpoint", "pipo 8-layer 4-bit QLoRA, grad checkpoint",
+                    "pipo 4-layer f32", "mlx_lm.lora 4-layer f32", "pipo 4-layer bf16",
+                    "pipo 4-layer 4-bit QLoRA", "pipo 4-layer bf16 OPD"]
     for row in r["train"]["rows"]:
         assert row["s_per_step"] > 0 and row["tokens_per_s"] > 0 and row["peak_rss_gb"] > 0
 

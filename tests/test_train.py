@@ -497,7 +497,7 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(
     interrupt_at(monkeypatch, micro_step=5)  # during step 3 (micro-steps 4 and 5)
     with pytest.raises(KeyboardInterrupt):
         T.train(config(mlx_pipo, data, tmp_path / "split", **kw))
-    assert "continue with --resume" in capsys.readouterr().out
+    assert "continue with --resume" in capsys.readouterr().err
     _, step = adapters(tmp_path / "split")
     assert step == 3
     monkeypatch.undo()

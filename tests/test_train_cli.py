@@ -137,7 +137,7 @@ def test_too_long_records_are_refused_or_truncated_as_asked(
         monkeypatch, capsys, *cli_args(mlx_pipo, d, tmp_path / "o", max_seq_length=160)
     )
     assert code == 0, err
-    assert "1 record(s) longer than --max-seq-length 160 truncated" in out
+    assert "1 record(s) longer than --max-seq-length 160 truncated" in err
 
 
 def test_a_model_that_is_not_a_pipo_conversion(hf_pipo, data, tmp_path, monkeypatch, capsys):
@@ -153,11 +153,43 @@ def test_a_model_that_is_not_a_pipo_conversion(hf_pipo, data, tmp_path, monkeypa
     )
 
 
-def test_a_quantized_model_is_refused(hf_pipo, data, tmp_path, monkeypatch, capsys):
+def test_a_quantized_model_trains_and_fuses_quantized_or_not(
+    hf_pipo, data, tmp_path, monkeypatch, capsys
+):
     from pipo_mlx import convert
 
     q = convert(str(hf_pipo[1]), str(tmp_path / "q"), quantize=True, q_group_size=32)
-    refused(run(monkeypatch, capsys, *cli_args(q, data, tmp_path / "o")), "quantized", "without -q")
+    quantization = json.loads((q / "config.json").read_text())["quantization"]
+    for out, extra, expected in (
+        (tmp_path / "kept", {}, quantization),
+        (tmp_path / "float", {"dequantize": True}, None),
+    ):
+        code, _, err = run(monkeypatch, capsys, *cli_args(q, data, out, fuse=True, **extra))
+        assert code == 0, err
+        assert "over quantized weights" in err
+        fused = json.loads((out / "fused" / "config.json").read_text())
+        assert fused.get("quantization") == expected
+    refused(run(monkeypatch, capsys, *cli_args(q, data, tmp_path / "o", dequantize=True)),
+            "--dequantize", "--fuse")
+
+
+def test_notes_go_to_stderr_and_figures_to_stdout(mlx_pipo, tmp_path, monkeypatch, capsys):
+    """As the other tools do: [INFO] and [WARN] lines on stderr, the training and
+    validation figures on stdout."""
+    no_valid = write_data(tmp_path / "data", cyclic_records(8, 0))
+    out = tmp_path / "o"
+    code, stdout, stderr = run(monkeypatch, capsys, *cli_args(mlx_pipo, no_valid, out,
+                                                              steps_per_report=1))
+    assert code == 0, stderr
+    code, more_out, more_err = run(monkeypatch, capsys, *cli_args(
+        mlx_pipo, no_valid, out, steps_per_report=1, iters=3, resume=True))
+    assert code == 0, more_err
+    stdout, stderr = stdout + more_out, stderr + more_err
+    assert "[train] step 2/2" in stdout and "[train] step 3/3" in stdout
+    for note in ("[INFO] no ", "[INFO] sft:", "[INFO] step 2: checkpoint", "[WARN] --resume",
+                 "[INFO] resumed from step 2"):
+        assert note in stderr, note
+    assert "[INFO]" not in stdout and "[WARN]" not in stdout, stdout
 
 
 def test_an_output_folder_holding_another_run(mlx_pipo, data, tmp_path, monkeypatch, capsys):
@@ -180,12 +212,12 @@ def test_an_output_folder_holding_another_run(mlx_pipo, data, tmp_path, monkeypa
         "only one",
     )
 
-    code, stdout, err = run(
+    code, _, err = run(
         monkeypatch, capsys, *cli_args(mlx_pipo, data, out, iters=3, resume=True)
     )
-    assert code == 0 and "resumed from step 2" in stdout, err
+    assert code == 0 and "resumed from step 2" in err, err
     assert adapters(out)[1] == 3
-    assert "[WARN] --resume: the run was started with --iters 2, now 3" in stdout
+    assert "[WARN] --resume: the run was started with --iters 2, now 3" in err
 
     code, _, err = run(monkeypatch, capsys, *cli_args(mlx_pipo, data, out, seed=1, force=True))
     assert code == 0, err

@@ -62,6 +62,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="accept a hub repo id of a plain Qwen3.5 model and generate with fresh, "
         "untrained PIPO heads (the text is garbage until the heads are trained)",
     )
+    parser.add_argument(
+        "--adapter-path",
+        help="a train_heads.py output folder (its latest checkpoint) or one of its "
+        "step-NNNNNNN folders: its LoRA and heads are put on --model, unfused",
+    )
     parser.add_argument("--prompt", "-p", help="the message ('-' reads stdin)")
     parser.add_argument(
         "--system-prompt", help="system message; needs a tokenizer with a chat template"
@@ -178,9 +183,10 @@ def not_converted(spec: str) -> PipoError:
 
 
 def load_model(
-    spec: Optional[str], allow_fresh_heads: bool = False
+    spec: Optional[str], allow_fresh_heads: bool = False, adapter_path: Optional[str] = None
 ) -> Tuple[nn.Module, TokenizerWrapper]:
-    """A converted folder, or a Hugging Face repo id converted once into a local cache."""
+    """A converted folder, or a Hugging Face repo id converted once into a local cache,
+    with a training checkpoint on top when `adapter_path` names one."""
     if spec is None:
         demo = next((p for p in DEMO_PLACES if p.is_dir()), None)
         if demo is None:
@@ -194,12 +200,12 @@ def load_model(
             "(trained on Python's standard library)",
             file=sys.stderr,
         )
-        return load(str(demo))
+        return load(str(demo), adapter_path=adapter_path)
     local = Path(spec).expanduser()
     if not is_hub_id(spec):
         if local.is_dir() and "pipo" not in read_json(local / "config.json", "a model folder"):
             raise not_converted(spec)
-        return load(str(local))
+        return load(str(local), adapter_path=adapter_path)
     root = Path(os.environ.get("PIPO_MLX_CACHE", DEFAULT_CACHE_DIR)).expanduser()
     target = root / spec.replace("/", "--")
     if not target.is_dir():
@@ -208,7 +214,7 @@ def load_model(
             convert(spec, str(target), require_trained_heads=not allow_fresh_heads)
         except MissingHeadsError:
             raise not_converted(spec) from None
-    return load(str(target))
+    return load(str(target), adapter_path=adapter_path)
 
 
 def _interrupt() -> None:
@@ -296,7 +302,7 @@ def run(args: argparse.Namespace) -> None:
     check_args(args)
     prompt = read_prompt(args)
 
-    model, tokenizer = load_model(args.model, args.allow_fresh_heads)
+    model, tokenizer = load_model(args.model, args.allow_fresh_heads, args.adapter_path)
     kv_quantization(model, **kv_options(args))  # the group size against the model's heads
     # Our own context check names the problem; the tokenizer's length warning
     # would only print ahead of it.
@@ -331,11 +337,19 @@ def run(args: argparse.Namespace) -> None:
     )
     verbose = args.verbose and not args.quiet
     if not args.chat:
-        if verbose:
-            print("=" * 10)
-        _stream(session.turn(prompt), tokenizer, verbose)
+        responses = session.turn(prompt)
+        _stream(_after_banner(responses) if verbose else responses, tokenizer, verbose)
         return
     chat_loop(session, tokenizer, prompt, verbose)
+
+
+def _after_banner(responses: Iterator[PipoResponse]) -> Iterator[PipoResponse]:
+    """mlx_lm.generate's banner, printed once the stream has started: the prompt's
+    checks (its length against the context) run first and may refuse it."""
+    for i, response in enumerate(responses):
+        if i == 0:
+            print("=" * 10)
+        yield response
 
 
 def chat_loop(

@@ -5,13 +5,12 @@ overwrite another run; --resume only with the same settings; --force discards).
 """
 
 import argparse
+import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..conversion import recorded_base
 from ..errors import PipoError
 from ..hf_io import read_json
-from ..model_io import write_json_atomic
 from ..train_config import COMPUTE_DTYPES, KL_MODES, OPTIMIZERS, STAGES, TrainConfig
 from ..train_state import RUN_FILE
 from ..trainer import train
@@ -259,7 +258,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--fuse",
         action="store_true",
         help="at the end, write ADAPTER/fused/: a model folder with LoRA merged, which "
-        "pipo_mlx.load and generate.py read",
+        "pipo_mlx.load and generate.py read; quantized as --model is (the heads, which "
+        "train in float, quantized again as they were). Later: pipo_mlx.fuse",
+    )
+    g.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="with --fuse and a quantized --model: write the fused model unquantized, "
+        "in the dtype of the quantization scales",
     )
 
     return p
@@ -289,6 +295,7 @@ def check_output(cfg: TrainConfig) -> None:
                 f"[WARN] --resume: the run was started with --iters {saved['iters']}, now "
                 f"{cfg.iters}: from the resumed step on, the learning rate follows a "
                 f"schedule laid over {cfg.iters} steps",
+                file=sys.stderr,
                 flush=True,
             )
     elif out.is_dir() and any(out.iterdir()) and not cfg.force:
@@ -299,25 +306,10 @@ def check_output(cfg: TrainConfig) -> None:
         )
 
 
-def record_base(cfg: TrainConfig) -> None:
-    """Name the trained model's base in ADAPTER/fused/ as --model names it, made
-    absolute: a path relative to --model would not hold from the fused folder."""
-    src = Path(cfg.model).expanduser()
-    record = read_json(src / "config.json", "a model folder").get("pipo", {}).get("base_model")
-    base = recorded_base(src, record)
-    path = Path(cfg.adapter_path).expanduser() / "fused" / "config.json"
-    config = read_json(path, "a fused model folder")
-    if base is not None and config["pipo"].get("base_model") != base:
-        config["pipo"]["base_model"] = base
-        write_json_atomic(path, config)
-
-
 def run(cfg: TrainConfig) -> None:
     cfg.check()
     check_output(cfg)
     train(cfg)
-    if cfg.fuse:
-        record_base(cfg)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
