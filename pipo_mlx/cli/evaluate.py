@@ -22,7 +22,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "paired as the decoder pairs a prompt, the continuation's token1 slots scored by the "
         "backbone and its token2 slots by the MTP head; generation tasks decode with PIPO at "
         "the chosen threshold and drafting policy, and the keep rate is printed beside the "
-        "scores (docs/evaluation.md).",
+        "scores (docs/evaluation.md; pairs and slots: docs/design.md §1, §4).",
     )
     parser.add_argument("--model", required=True, help="PIPO model folder (written by convert.py)")
     parser.add_argument("--tasks", nargs="+", required=True, help="lm-eval task or group names")

@@ -23,7 +23,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "base, side by side, and score pass@1 and pass@k. Each side's answers go to "
         "OUT/pipo/{dataset}-results.jsonl and OUT/base/{dataset}-results.jsonl in the PIPO "
         "authors' results format, which their rule scorer (pipo/eval/eval_1_rule.py OUT/pipo) "
-        "reads unchanged; a stopped run resumes where it stopped (docs/evaluation.md).",
+        "reads unchanged; a stopped run resumes where it stopped (docs/evaluation.md; the decoder: docs/design.md §5).",
     )
     parser.add_argument("--model", required=True, help="PIPO model folder (written by convert.py)")
     parser.add_argument(

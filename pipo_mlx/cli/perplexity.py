@@ -21,7 +21,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         description="Per-token perplexity of a PIPO model on your text, as mlx_lm.perplexity: the "
         "text is cut into rows, each read as pairs under teacher forcing; token1 slots are "
         "scored by the backbone, token2 slots by the MTP head, reported apart and together, "
-        "optionally beside the base model's perplexity on the same slots (docs/evaluation.md).",
+        "optionally beside the base model's perplexity on the same slots (docs/evaluation.md; pairs and slots: docs/design.md §1, §4).",
     )
     parser.add_argument("--model", required=True, help="PIPO model folder (written by convert.py)")
     parser.add_argument(
