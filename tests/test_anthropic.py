@@ -350,3 +350,43 @@ def test_a_body_that_is_not_json_by_its_content_type_gets_415(server):
     got, _, error = request(server, "POST", "/v1/messages", b'{"a": 1}', {"Content-Type": "text/plain"})
     assert got == 415 and error["error"]["type"] == "invalid_request_error"
     assert request(server, "POST", "/v1/messages", GOOD)[0] == 200
+
+
+def test_reasoning_becomes_thinking_blocks_and_tool_choice_any_opens_a_call(mlx_pipo, tmp_path):
+    """In process, with a template that opens a reasoning block as Qwen3.5's does."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from transformers import AutoTokenizer
+
+    from pipo_mlx.cli.anthropic_api import MessageReply, parse_messages
+    from pipo_mlx.cli.openai_api import Defaults
+    from pipo_mlx.engine import Finished, TokenEvent
+
+    hf = AutoTokenizer.from_pretrained(mlx_pipo)
+    hf.add_tokens(["<think>", "</think>"])
+    hf.chat_template = TEMPLATE.replace("assistant\n{% endif %}", "assistant\n<think>\n{% endif %}")
+    hf.save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.has_thinking and tokenizer.has_tool_calling
+    body = {"model": NAME, "max_tokens": 16, "tools": TOOLS, "messages": [{"role": "user", "content": "time?"}]}
+    defaults = Defaults(16, 0.0, 1.0, 0, 0.0, None)
+
+    def answer(request, pieces):
+        reply = MessageReply(request, tokenizer, NAME)
+        for p in pieces:
+            reply.add(TokenEvent(p, 5, False, None, []))
+        return reply.body(Finished("stop", len(request.prompt), 0, len(pieces), len(pieces), 0, 0.01))
+
+    request = parse_messages(body, defaults, tokenizer, threading.Lock(), 4096)
+    assert request.initial_state == "reasoning"
+    message = answer(request, ["The user", " wants the time.", "</think>", "\n\n", "It is noon."])
+    assert message["content"] == [{"type": "thinking", "thinking": "The user wants the time.", "signature": ""},
+                                  {"type": "text", "text": "\n\nIt is noon."}]
+    assert message["stop_reason"] == "end_turn"
+
+    forced = parse_messages({**body, "tool_choice": {"type": "any"}}, defaults, tokenizer, threading.Lock(), 4096)
+    assert tokenizer.decode(forced.prompt).endswith("<think>\n</think>\n\n<tool_call>")
+    assert forced.initial_state == "tool"
+    message = answer(forced, ["\n<function=get_time>\n", "<parameter=tz>\nUTC\n</parameter>\n</function>\n",
+                              "</tool_call>"])
+    assert [(b["type"], b.get("input")) for b in message["content"]] == [("tool_use", {"tz": "UTC"})]
+    assert message["stop_reason"] == "tool_use"
