@@ -26,7 +26,6 @@ import argparse
 import http.client
 import json
 import os
-import re
 import shutil
 import socket
 import statistics
@@ -35,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS, SCRATCH = REPO / "benchmarks" / "results", REPO / "build" / "bench"
