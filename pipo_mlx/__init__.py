@@ -12,6 +12,12 @@ from .errors import PipoError
 from .model import PipoModel, PipoOutput
 from .model_io import load
 from .prompt_cache import PromptCacheStore, make_prompt_cache
+from .prompt_cache_file import (
+    PromptCacheFile,
+    fill_prompt_cache,
+    load_prompt_cache,
+    save_prompt_cache,
+)
 from .token2_head import make_token2_head
 from .train_config import TrainConfig  # the loop itself: pipo_mlx.trainer.train
 
@@ -23,14 +29,18 @@ __all__ = [
     "PipoModel",
     "PipoOutput",
     "PipoResponse",
+    "PromptCacheFile",
     "PromptCacheStore",
     "TrainConfig",
     "batch_generate",
     "convert",
+    "fill_prompt_cache",
     "generate",
     "load",
+    "load_prompt_cache",
     "make_prompt_cache",
     "make_token2_head",
+    "save_prompt_cache",
     "stream_generate",
 ]
 

@@ -1,6 +1,7 @@
 """A conversation over a prompt cache: each turn prefills only its new tokens."""
 
-from typing import Any, Iterator, List, Optional, Tuple
+import copy
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -8,6 +9,9 @@ from .decode import PipoResponse, stream_generate
 from .errors import PipoError
 from .model import PipoModel
 from .prompt_cache import make_prompt_cache
+from .prompt_cache_file import PromptCacheFile
+
+QUERY = "<query>"  # stands for the message when its template's text is cut after a cached start
 
 
 class ChatSession:
@@ -16,6 +20,10 @@ class ChatSession:
     `options` are `stream_generate`'s, the KV-cache ones included (they hold for
     the whole conversation). Without a chat template (or with
     `use_chat_template=False`) each query is sent as raw text.
+    `chat_template_kwargs` go to every `apply_chat_template` call (e.g.
+    `{"enable_thinking": false}`). With `cached` (a prompt-cache file from
+    `pipo_mlx.cache_prompt`) the conversation starts from its caches, and the
+    first query continues the user message they began; `reset` goes back there.
     """
 
     def __init__(
@@ -24,10 +32,20 @@ class ChatSession:
         tokenizer: TokenizerWrapper,
         system_prompt: Optional[str] = None,
         use_chat_template: bool = True,
+        chat_template_kwargs: Optional[Dict[str, Any]] = None,
+        cached: Optional[PromptCacheFile] = None,
         **options: Any,
     ):
         self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.template_kwargs = dict(chat_template_kwargs or {})
+        self.cached = cached
         self.use_chat_template = use_chat_template and tokenizer.has_chat_template
+        if cached is not None and cached.chat != self.use_chat_template:
+            raise PipoError(
+                "the prompt-cache file was made "
+                + ("with a chat template, so its queries need one too" if cached.chat
+                   else "from raw text, so its queries must be raw text too (skip the chat template)")
+            )
         if system_prompt is not None and not self.use_chat_template:
             why = "has no chat template" if use_chat_template else "is told to skip its chat template"
             raise PipoError(
@@ -38,7 +56,11 @@ class ChatSession:
         self.reset()
 
     def reset(self) -> None:
-        self.cache = make_prompt_cache(self.model, self.options.get("max_kv_size"))
+        if self.cached is None:
+            self.cache = make_prompt_cache(self.model, self.options.get("max_kv_size"))
+        else:  # a copy: the loaded caches stay as they are for the next reset
+            self.cache = copy.deepcopy(self.cached.cache)
+        self.pending = list(self.cached.pending) if self.cached is not None else []
         self.messages = (
             []
             if self.system_prompt is None
@@ -50,18 +72,27 @@ class ChatSession:
         """The new tokens for `query` and the text they render."""
         tok = self.tokenizer
         if not self.use_chat_template:
-            return tok.encode(query, add_special_tokens=not self.cache.tokens), query
+            ids = tok.encode(query, add_special_tokens=not self.cache.tokens)
+            return self.pending + ids, query
+
+        def render(messages: List[Dict[str, Any]]) -> str:
+            return tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, **self.template_kwargs
+            )
+
         messages = self.messages + [{"role": "user", "content": query}]
-        full = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if full.startswith(self.rendered):
+        if self.cached is not None and not self.rendered:
+            # The caches hold the start of this user message (a cache file's prompt):
+            # as mlx-lm's generate does, send what the template puts from the query on.
+            marked = render(self.messages + [{"role": "user", "content": QUERY}])
+            text = marked[marked.index(QUERY) :].replace(QUERY, query, 1)
+        elif (full := render(messages)).startswith(self.rendered):
             text = full[len(self.rendered) :]
         else:
             # The template rewrote an earlier turn (e.g. dropped its reasoning);
             # as mlx-lm's chat does, render the new message alone.
-            text = tok.apply_chat_template(
-                messages[-1:], add_generation_prompt=True, tokenize=False
-            )
-        return tok.encode(text, add_special_tokens=False), text
+            text = render(messages[-1:])
+        return self.pending + tok.encode(text, add_special_tokens=False), text
 
     def turn(self, query: str) -> Iterator[PipoResponse]:
         """Stream the reply to `query`; the caches keep it for the next turn."""
@@ -70,6 +101,7 @@ class ChatSession:
         for response in stream_generate(
             self.model, self.tokenizer, ids, prompt_cache=self.cache, **self.options
         ):
+            self.pending = []  # read into the caches with the prompt
             reply += response.text
             yield response
         self.messages += [

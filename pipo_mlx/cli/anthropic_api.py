@@ -99,10 +99,11 @@ def parse_messages(
     tools, choice = _tools(body)
     messages, prefill = _messages(body)
     with tokenizer_lock:
-        _chat_prompt({"messages": messages, "tools": None if choice == "none" else tools}, request, tokenizer)
+        _chat_prompt({"messages": messages, "tools": None if choice == "none" else tools}, request, tokenizer,
+                     defaults.chat_template_args)
         _continue(request, tokenizer, prefill, choice)
-    if len(request.prompt) + len(request.prompt) % 2 > context_length:
-        raise ApiError(400, f"prompt is too long: {len(request.prompt)} tokens > {context_length} maximum")
+    if len(request.prompt) + len(request.prompt) % 2 + 2 > context_length:  # and a pair for the reply
+        raise ApiError(400, f"prompt is too long: {len(request.prompt)} tokens > {context_length - 2} maximum")
     return request
 
 

@@ -34,7 +34,9 @@ from ..kv_cache import (
     kv_quantization,
 )
 from ..model_io import load
+from ..prompt_cache_file import load_prompt_cache
 from ..token2_head import DEFAULT_TOKEN2_HEAD, make_token2_head, parse_token2_head
+from ..tokenizer_options import add_eos_tokens, read_chat_template, set_chat_template, template_kwargs
 from . import run_cli
 
 DEMO = Path("models") / "pipo-stdlib"  # built by scripts/make_demo.py, shipped in the repository
@@ -151,6 +153,26 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ignore-chat-template", action="store_true", help="use the prompt as raw text"
+    )
+    parser.add_argument(
+        "--chat-template",
+        help="a Jinja chat template, or a file holding one, to use instead of the tokenizer's",
+    )
+    parser.add_argument(
+        "--chat-template-config",
+        help="JSON object of keyword arguments for the chat template, as mlx_lm.generate "
+        "takes, e.g. '{\"enable_thinking\": false}'",
+    )
+    parser.add_argument(
+        "--extra-eos-token",
+        nargs="+",
+        default=(),
+        help="more tokens (their text or id) that end generation, as in mlx_lm.generate",
+    )
+    parser.add_argument(
+        "--prompt-cache-file",
+        help="go on from a prompt cached by pipo_mlx.cache_prompt (made with this --model): "
+        "--prompt continues its user message",
     )
     parser.add_argument(
         "--chat",
@@ -301,12 +323,22 @@ def run(args: argparse.Namespace) -> None:
             ) from None
     check_args(args)
     prompt = read_prompt(args)
+    template = read_chat_template(args.chat_template) if args.chat_template is not None else None
+    chat_template_kwargs = template_kwargs(args.chat_template_config, "--chat-template-config")
 
     model, tokenizer = load_model(args.model, args.allow_fresh_heads, args.adapter_path)
     kv_quantization(model, **kv_options(args))  # the group size against the model's heads
     # Our own context check names the problem; the tokenizer's length warning
     # would only print ahead of it.
     tokenizer.model_max_length = sys.maxsize
+    add_eos_tokens(tokenizer, args.extra_eos_token)
+    set_chat_template(tokenizer, template)
+    cached = None
+    if args.prompt_cache_file is not None:
+        if args.system_prompt is not None:
+            raise PipoError("a system prompt belongs in the cached prompt: give it to "
+                            "pipo_mlx.cache_prompt --system-prompt")
+        cached = load_prompt_cache(args.prompt_cache_file, model)
     if not tokenizer.has_chat_template and not args.ignore_chat_template:
         print("[INFO] the tokenizer has no chat template: prompts are sent as raw text",
               file=sys.stderr)
@@ -322,6 +354,8 @@ def run(args: argparse.Namespace) -> None:
         model,
         tokenizer,
         system_prompt=args.system_prompt,
+        chat_template_kwargs=chat_template_kwargs,
+        cached=cached,
         use_chat_template=not args.ignore_chat_template,
         max_tokens=args.max_tokens,
         sampler=make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k),

@@ -10,7 +10,7 @@ import json
 import math
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
@@ -48,6 +48,7 @@ class Defaults:
     min_p: float
     conf_threshold: Optional[float]  # None: the model's recommended threshold
     draft: str = DEFAULT_DRAFT
+    chat_template_args: Dict[str, Any] = field(default_factory=dict)  # apply_chat_template's kwargs
 
 
 @dataclass
@@ -157,7 +158,7 @@ def parse_request(
         request.logprobs = _get(body, "logprobs", (bool,), False, "true or false")
         request.top_logprobs = _integer(body, "top_logprobs", 0, lo=0, hi=MAX_TOP_LOGPROBS)
         with tokenizer_lock:
-            _chat_prompt(body, request, tokenizer)
+            _chat_prompt(body, request, tokenizer, _template_args(body, defaults))
     else:
         top = _integer(body, "logprobs", None, lo=0, hi=5)
         request.logprobs, request.top_logprobs = top is not None, top or 0
@@ -178,7 +179,18 @@ def parse_request(
     return request
 
 
-def _chat_prompt(body: Dict[str, Any], request: ApiRequest, tokenizer: TokenizerWrapper) -> None:
+def _template_args(body: Dict[str, Any], defaults: Defaults) -> Dict[str, Any]:
+    """The server's chat template arguments, updated by the request's, as mlx-lm's server does."""
+    given = _get(body, "chat_template_kwargs", (dict,), {}, "an object")
+    return {**defaults.chat_template_args, **given}
+
+
+def _chat_prompt(
+    body: Dict[str, Any],
+    request: ApiRequest,
+    tokenizer: TokenizerWrapper,
+    template_args: Optional[Dict[str, Any]] = None,
+) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of messages", "messages", "invalid_type")
@@ -201,7 +213,8 @@ def _chat_prompt(body: Dict[str, Any], request: ApiRequest, tokenizer: Tokenizer
         return
     try:
         text = tokenizer.apply_chat_template(
-            messages, tools=request.tools, add_generation_prompt=True, tokenize=False
+            messages, tools=request.tools, add_generation_prompt=True, tokenize=False,
+            **(template_args or {}),
         )
     except Exception as e:  # the template's own checks (roles, order) speak for themselves
         raise ApiError(400, f"the chat template refused the messages: {e}", "messages") from None

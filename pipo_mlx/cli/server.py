@@ -32,6 +32,7 @@ from ..engine import Engine, Failed, Finished, Job, ShuttingDown
 from ..errors import PipoError
 from ..kv_cache import check_max_kv_size
 from ..token2_head import DEFAULT_TOKEN2_HEAD, make_token2_head, parse_token2_head
+from ..tokenizer_options import read_chat_template, set_chat_template, template_kwargs
 from . import run_cli
 from .anthropic_api import MessageReply, default_sampling, model_folder, parse_messages
 from .anthropic_api import error_body as anthropic_error
@@ -82,7 +83,9 @@ class Handler(BaseHTTPRequestHandler):
         super().send_response(code, message)
 
     def end_headers(self) -> None:
-        for name, value in cors_headers(self.headers.get("Origin"), self.app.allowed_origins):
+        headers = getattr(self, "headers", None)  # absent when the request line itself was refused
+        origin = headers.get("Origin") if headers is not None else None
+        for name, value in cors_headers(origin, self.app.allowed_origins):
             self.send_header(name, value)
         super().end_headers()
 
@@ -344,6 +347,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft", choices=DRAFT_MODES, default=DEFAULT_DRAFT,
                    help="which decode steps run the MTP head, as in generate.py (default auto: while "
                    "drafts pay); requests override it with draft"),
+    g.add_argument("--chat-template", help="a Jinja chat template, or a file holding one, instead of the "
+                   "tokenizer's (as mlx_lm.server)")
+    g.add_argument("--chat-template-args", help="JSON object of keyword arguments for the chat template, "
+                   "e.g. '{\"enable_thinking\": false}'; requests add theirs as chat_template_kwargs")
     g = p.add_argument_group("capacity")
     g.add_argument("--prompt-cache-bytes", default="1GB",
                    help="memory for cached conversations, e.g. 512MB or 4GB (default 1GB); 0 turns caching off")
@@ -395,7 +402,10 @@ def check_args(args: argparse.Namespace) -> int:
 def make_server(args: argparse.Namespace) -> Server:
     """Load the model, start the engine and bind the socket (serving starts with serve_forever)."""
     budget = check_args(args)
+    template = read_chat_template(args.chat_template) if args.chat_template is not None else None
+    template_args = template_kwargs(args.chat_template_args, "--chat-template-args")
     model, tokenizer = load_model(args.model)
+    set_chat_template(tokenizer, template)
     tokenizer.model_max_length = 1 << 62  # our own context check speaks instead of its warning
     engine = Engine(model, tokenizer, budget, args.max_concurrent, args.prefill_step_size,
                     make_token2_head(model, args.token2_head), args.max_kv_size).start()
@@ -405,7 +415,7 @@ def make_server(args: argparse.Namespace) -> Server:
     def defaults(base: Dict[str, float]) -> Defaults:
         s = {k: base[k] if v is None else v for k, v in given.items()}
         return Defaults(args.max_tokens, s["temperature"], s["top_p"], s["top_k"], args.min_p, args.conf_threshold,
-                        args.draft)
+                        args.draft, template_args)
 
     app = App(
         engine=engine, tokenizer=tokenizer, model_id=model_id, model_names=names,
