@@ -13,6 +13,8 @@ import torch
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from transformers import AutoTokenizer
 
+from pipo_mlx.cli.evaluate import main
+
 DATA = Path(__file__).parent / "data" / "eval" / "snippets.jsonl"
 DOCS = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,13 +247,20 @@ def test_cli_prints_scores_and_keep_rate_and_writes_results(mlx_pipo, tasks, tmp
     assert record["pipo"]["generations"] == 3 and record["pipo"]["conf_threshold"] == -1
 
 
+def refused(main, argv, capsys):
+    """(exit code, stderr) of a CLI run in this process, for the runs that stop early."""
+    with pytest.raises(SystemExit) as stop:
+        main([str(a) for a in argv])
+    return stop.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "no_such_task", "--include-path", "TASKS"], "unknown task no_such_task"),
     (["--tasks", "snippets_choice", "--include-path", "NOWHERE"], "no such folder"),
     (["--tasks", "snippets_choice", "--include-path", "TASKS", "--batch-size", "0"], "--batch-size"),
 ])
-def test_cli_user_mistakes_are_one_line_and_exit_2(mlx_pipo, tasks, tmp_path, argv, message):
+def test_cli_user_mistakes_are_one_line_and_exit_2(mlx_pipo, tasks, tmp_path, argv, message, capsys):
     argv = [str(tasks) if a == "TASKS" else str(tmp_path / "nowhere") if a == "NOWHERE" else a for a in argv]
-    done = run_cli("--model", str(mlx_pipo), *argv)
-    assert done.returncode == 2
-    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    code, err = refused(main, ["--model", mlx_pipo, *argv], capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -16,6 +16,7 @@ from mlx_lm import load as mlx_load
 from mlx_lm.generate import generate_step
 from transformers import AutoTokenizer
 
+from pipo_mlx.cli.pass_at_k import main
 from pipo_mlx.passk import summary
 from pipo_mlx.problems import aime_problems, gpqa_problems, lb2_problems, score
 from test_calibrate import base_folder  # noqa: F401 (fixture: the checkpoint's backbone as a plain model)
@@ -186,6 +187,13 @@ def test_the_papers_benchmarks_are_built_from_their_rows():
     assert all("CTX\nWhich?" in p["prompt"] and f") B{p['metadata']['index']}" in p["prompt"] for p in lb2)
 
 
+def refused(main, argv, capsys):
+    """(exit code, stderr) of a CLI run in this process, for the runs that stop early."""
+    with pytest.raises(SystemExit) as stop:
+        main([str(a) for a in argv])
+    return stop.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--problems", "MISSING", "--no-base"], "not found"),
     (["--problems", "PROBLEMS"], "records no base model"),
@@ -193,11 +201,12 @@ def test_the_papers_benchmarks_are_built_from_their_rows():
     (["--no-base"], "no problems"),
     (["--problems", "BAD", "--no-base"], "final_answer"),
 ])
-def test_user_mistakes_are_one_line_and_exit_2(mlx_pipo, tmp_path, argv, message):
+def test_user_mistakes_are_one_line_and_exit_2(mlx_pipo, tmp_path, argv, message, capsys):
     (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "x " * 5000, "final_answer": "1"}) + "\n")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "2 + 2?"}) + "\n")
     files = {"MISSING": tmp_path / "none.jsonl", "PROBLEMS": PROBLEMS, "LONG": tmp_path / "long.jsonl",
              "BAD": tmp_path / "bad.jsonl"}
-    done = cli("--model", mlx_pipo, "--output-dir", tmp_path / "out", *[files.get(a, a) for a in argv])
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    code, err = refused(main, ["--model", mlx_pipo, "--output-dir", tmp_path / "out",
+                               *[files.get(a, a) for a in argv]], capsys)
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_reference import CORPUS
+from pipo_mlx.cli.perplexity import main
 from test_calibrate import base_folder  # noqa: F401 (fixture: the checkpoint's backbone as a plain model)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +89,13 @@ def test_jsonl_records_are_scored_whole(hf_pipo, mlx_pipo, tmp_path):
     assert got["pipo"]["token1"]["tokens"] == len(want["pipo1"])
 
 
+def refused(main, argv, capsys):
+    """(exit code, stderr) of a CLI run in this process, for the runs that stop early."""
+    with pytest.raises(SystemExit) as stop:
+        main([str(a) for a in argv])
+    return stop.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data", "MISSING"], "not found"),
     (["--data", "TEXT", "--base"], "records no base model"),
@@ -95,10 +103,10 @@ def test_jsonl_records_are_scored_whole(hf_pipo, mlx_pipo, tmp_path):
     (["--data", "TEXT", "--sequence-length", "7"], "must be even"),
     (["--data", "EMPTY"], "is empty"),
 ])
-def test_user_mistakes_are_one_line_and_exit_2(mlx_pipo, tmp_path, argv, message):
+def test_user_mistakes_are_one_line_and_exit_2(mlx_pipo, tmp_path, argv, message, capsys):
     (tmp_path / "text.txt").write_text(TEXT)
     (tmp_path / "empty.txt").write_text("\n")
     files = {"MISSING": tmp_path / "nothing.txt", "TEXT": tmp_path / "text.txt", "EMPTY": tmp_path / "empty.txt"}
-    done = cli("--model", mlx_pipo, *[files.get(a, a) for a in argv])
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    code, err = refused(main, ["--model", mlx_pipo, *[files.get(a, a) for a in argv]], capsys)
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1
