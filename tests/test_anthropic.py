@@ -363,7 +363,8 @@ def test_reasoning_becomes_thinking_blocks_and_tool_choice_any_opens_a_call(mlx_
 
     hf = AutoTokenizer.from_pretrained(mlx_pipo)
     hf.add_tokens(["<think>", "</think>"])
-    hf.chat_template = TEMPLATE.replace("assistant\n{% endif %}", "assistant\n<think>\n{% endif %}")
+    hf.chat_template = TEMPLATE.replace("assistant\n{% endif %}", "assistant\n<think>\n{% if enable_thinking is "
+                                        "defined and not enable_thinking %}\n</think>\n\n{% endif %}{% endif %}")
     hf.save_pretrained(tmp_path)
     tokenizer = load_tokenizer(tmp_path)
     assert tokenizer.has_thinking and tokenizer.has_tool_calling
@@ -382,6 +383,10 @@ def test_reasoning_becomes_thinking_blocks_and_tool_choice_any_opens_a_call(mlx_
     assert message["content"] == [{"type": "thinking", "thinking": "The user wants the time.", "signature": ""},
                                   {"type": "text", "text": "\n\nIt is noon."}]
     assert message["stop_reason"] == "end_turn"
+
+    quiet = parse_messages({**body, "thinking": {"type": "disabled"}}, defaults, tokenizer, threading.Lock(), 4096)
+    assert tokenizer.decode(quiet.prompt).endswith("</think>\n\n") and quiet.initial_state == "normal"
+    assert answer(quiet, ["It is noon."])["content"] == [{"type": "text", "text": "It is noon."}]
 
     forced = parse_messages({**body, "tool_choice": {"type": "any"}}, defaults, tokenizer, threading.Lock(), 4096)
     assert tokenizer.decode(forced.prompt).endswith("<think>\n</think>\n\n<tool_call>")

@@ -159,3 +159,15 @@ def test_sigterm_ends_open_streams_with_a_final_event_and_exits_0(mlx_pipo, tmp_
     assert s["proc"].wait(timeout=10) == 0
     log = s["log"].read_text()
     assert "stopped" in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("raw,status", [(b"GARBAGE\r\n\r\n", b"400"), (b"GET /x HTTP/1.1 more\r\n\r\n", b"400"),
+                                        (b"GET /" + b"x" * 70000 + b" HTTP/1.0\r\n\r\n", b"414")])
+def test_a_malformed_request_line_is_refused_and_the_server_goes_on(server, raw, status):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as s:
+        s.sendall(raw)
+        assert b"Error code: " + status in s.recv(4096)  # the standard library's page (no status line for HTTP/0.9)
+    assert request(server, "POST", "/v1/completions", COMPLETION, BEARER)[0] == 200
+    assert "Traceback" not in server["log"].read_text()

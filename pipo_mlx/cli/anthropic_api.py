@@ -100,11 +100,20 @@ def parse_messages(
     messages, prefill = _messages(body)
     with tokenizer_lock:
         _chat_prompt({"messages": messages, "tools": None if choice == "none" else tools}, request, tokenizer,
-                     defaults.chat_template_args)
+                     _template_args(body, defaults, thinking))
         _continue(request, tokenizer, prefill, choice)
     if len(request.prompt) + len(request.prompt) % 2 + 2 > context_length:  # and a pair for the reply
         raise ApiError(400, f"prompt is too long: {len(request.prompt)} tokens > {context_length - 2} maximum")
     return request
+
+
+def _template_args(body: Dict[str, Any], defaults: Defaults, thinking: Dict[str, Any]) -> Dict[str, Any]:
+    """The chat template's arguments: the server's, then `thinking` as Qwen3.5's templates take it, then the
+    request's own `chat_template_kwargs` (mlx-lm's field, as on the OpenAI route)."""
+    args = dict(defaults.chat_template_args)
+    if thinking.get("type") in ("enabled", "disabled"):
+        args["enable_thinking"] = thinking["type"] == "enabled"
+    return {**args, **_get(body, "chat_template_kwargs", (dict,), {}, "an object")}
 
 
 def _tools(body: Dict[str, Any]) -> Tuple[Optional[List[Dict[str, Any]]], str]:
