@@ -9,7 +9,7 @@ folds into a new model folder (`fuse`).
 import os
 import shutil
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -10,7 +10,6 @@ import sys
 import time
 from contextlib import nullcontext
 from datetime import timedelta
-from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
@@ -83,7 +82,7 @@ def train(cfg: TrainConfig) -> PipoModel:
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_all = sum(v.size for _, v in tree_flatten(model.parameters()))
     lora = "LoRA r=%d + heads" % cfg.lora_rank if cfg.lora else "heads only"
-    if tuning.quantized or any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+    if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
         lora += ", over quantized weights"
     info(
         f"[INFO] {cfg.stage}: {stage.describe()}; trainable "

@@ -16,7 +16,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
             "Fuse a train_heads.py checkpoint into its model, as train_heads.py --fuse "
             "does at the end of a run: LoRA is merged into the weights it adapts and the "
             "trained heads replace the model's. A quantized model stays quantized as it "
-            "was (the heads, trained in float, are quantized again) unless --dequantize."
+            "was (the heads, trained in float, are quantized again) unless --dequantize "
+            "(docs/design.md §6; docs/training.md)."
         )
     )
     p.add_argument("--model", required=True, help="the PIPO folder the run trained (its --model)")
