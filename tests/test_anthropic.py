@@ -270,7 +270,7 @@ def test_messages_sample_as_the_model_config_says_else_as_the_paper(server, lib,
     assert r.choices[0].message.content == reference(lib, ids, 1.0)[0]
 
     assert default_sampling(tmp_path) == PAPER_SAMPLING
-    (tmp_path / "generation_config.json").write_text('{"temperature": 0.6, "top_k": 40}')
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.6, "top_k": 40, "top_p": null}')
     assert default_sampling(tmp_path) == {"temperature": 0.6, "top_p": PAPER_SAMPLING["top_p"], "top_k": 40}
     (tmp_path / "generation_config.json").write_text('{"do_sample": false, "temperature": 0.6}')
     assert default_sampling(tmp_path) == {"temperature": 0.0, "top_p": 1.0, "top_k": 0}

@@ -54,7 +54,7 @@ def default_sampling(folder: Optional[Path]) -> Dict[str, float]:
     config = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     if not config.get("do_sample", True):
         return {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
-    return {k: type(v)(config.get(k, v)) for k, v in PAPER_SAMPLING.items()}
+    return {k: v if config.get(k) is None else type(v)(config[k]) for k, v in PAPER_SAMPLING.items()}
 
 
 def parse_messages(
