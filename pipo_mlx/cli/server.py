@@ -439,6 +439,10 @@ def run(args: argparse.Namespace) -> None:
     logging.info("serving %s on http://%s:%d (%s; Ctrl-C or SIGTERM stops)", server.app.model_id, host, port, keyed)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logging.warning("bound to %s: anyone who can reach it can use the model", args.host)
+    m, o = server.app.message_defaults, server.app.defaults
+    logging.info("default sampling: /v1/messages temperature %g, top-p %g, top-k %d; OpenAI routes temperature %g, "
+                 "top-p %g, top-k %d (--temp, --top-p, --top-k)", m.temperature, m.top_p, m.top_k,
+                 o.temperature, o.top_p, o.top_k)
     stop_on_sigterm(server.shutdown)
     try:
         server.serve_forever()
