@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
 from pipo_mlx import convert, load
+from pipo_mlx import adapters
 from pipo_mlx import trainer as T
 from pipo_mlx.adapters import dequantized_reads, setup_trainable
 from pipo_mlx.errors import PipoError
@@ -121,9 +122,15 @@ def test_cpu_training_reads_dequantized_weights_with_the_kernels_numbers(
         raise AssertionError("the quantized matmul ran inside dequantized_reads")
 
     with dequantized_reads(model):
+        # The CE chunks of this toy batch are short; every call takes the route.
+        monkeypatch.setattr(adapters, "DEQUANTIZE_FROM_ROWS", 1)
         monkeypatch.setattr(mx, "quantized_matmul", refuse)
         loss, grads = loss_and_grads()
         monkeypatch.undo()
+        # A decoding step's few rows keep the quantized kernel, which is faster there.
+        gate, x = model.layers[0].mlp.gate_proj.linear, mx.ones((1, 3, 64))
+        kernel = mx.quantized_matmul(x, gate.weight, gate.scales, gate.biases, True, GROUP, BITS)
+        assert mx.array_equal(gate(x), kernel)
     assert type(model.layers[0].mlp.gate_proj.linear) is nn.QuantizedLinear  # restored
     assert mx.allclose(loss, kernel_loss, rtol=1e-5)
     assert grads.keys() == kernel_grads.keys()
