@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.utils import get_total_parameters
 
 from . import backbones
 from .adapters import dequantized_reads, grad_checkpointing, save_fused, setup_trainable
@@ -80,7 +81,7 @@ def train(cfg: TrainConfig) -> PipoModel:
     step = restore_checkpoint(out, model, optimizer) if cfg.resume else 0
 
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    n_all = sum(v.size for _, v in tree_flatten(model.parameters()))
+    n_all = get_total_parameters(model)  # a quantized weight counted unpacked, as mlx-lm does
     lora = "LoRA r=%d + heads" % cfg.lora_rank if cfg.lora else "heads only"
     if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
         lora += ", over quantized weights"
