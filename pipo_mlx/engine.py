@@ -24,8 +24,10 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .batch import BatchGenerator
 from .decode import DEFAULT_PREFILL_STEP_SIZE
+from .kv_cache import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, kv_quantization
 from .model import PipoModel
 from .prompt_cache import PromptCacheStore, pair_up, prefill
+from .solo import SoloGenerator
 from .token2_head import Token2Head
 
 
@@ -147,15 +149,27 @@ class Engine:
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
         token2_head: Union[str, Token2Head] = "full",
         max_kv_size: Optional[int] = None,
+        kv_bits: Optional[int] = None,
+        kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+        quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
     ):
-        """`max_kv_size`: rotating attention caches, as `BatchGenerator`'s (docs/memory.md)."""
+        """The KV-cache options (docs/memory.md): `max_kv_size`, rotating caches as
+        `BatchGenerator`'s; `kv_bits` and its two companions, a quantized cache, with
+        which requests decode one at a time instead of as a batch, as mlx-lm's server
+        does then."""
         self.model, self.tokenizer = model, tokenizer
+        self.quantize = kv_quantization(model, kv_bits, kv_group_size, quantized_kv_start, max_kv_size)
         self.store = PromptCacheStore(model, prompt_cache_bytes, max_kv_size=max_kv_size)
-        self.max_active = max_active
-        self._new_batch = lambda: BatchGenerator(
-            model, tokenizer.eos_token_ids, prefill_step_size, token2_head, release_caches=True,
-            max_kv_size=max_kv_size,
-        )
+        self.max_active = max_active if self.quantize is None else 1
+        if self.quantize is None:
+            self._new_batch = lambda: BatchGenerator(
+                model, tokenizer.eos_token_ids, prefill_step_size, token2_head, release_caches=True,
+                max_kv_size=max_kv_size,
+            )
+        else:
+            self._new_batch = lambda: SoloGenerator(
+                model, self.quantize, tokenizer.eos_token_ids, prefill_step_size, token2_head
+            )
         self.batch = self._new_batch()
         self._queue: Deque[Job] = deque()
         self._running: Dict[int, _Running] = {}  # by batch row uid
@@ -238,7 +252,7 @@ class Engine:
             cached = len(cache.tokens)
             with mx.stream(generation_stream):
                 if len(ids) - 2 > cached:
-                    prefill(self.model, cache, ids[cached:-2], self.batch.chunk, True)
+                    prefill(self.model, cache, ids[cached:-2], self.batch.chunk, True, self.quantize)
                     self.store.insert(cache, copy_it=True)
             s = job.sampling
             if s.seed is not None:

@@ -255,6 +255,28 @@ def test_the_server_engine_rotates_its_rows(lib):
     assert tokens == [[t for t, _ in expected]] * 2
 
 
+@pytest.mark.parametrize("keep_all", [True, False])
+def test_the_server_engine_quantizes_one_request_at_a_time(wide, lib, keep_all):
+    """mlx-lm's batch caches cannot be quantized: with kv_bits the engine decodes its
+    requests one at a time, each as the quantized reference does (two at once here)."""
+    prompt = prompt_of(2, seed=9)
+    engine = Engine(wide, lib[1], 2**20, kv_bits=8, kv_group_size=32, quantized_kv_start=0).start()
+    try:
+        jobs = [engine.submit(Job(prompt, 20, conf_threshold=-1.0 if keep_all else 1.0, draft="always"))
+                for _ in range(2)]
+        tokens = []
+        for job in jobs:
+            events = []
+            while not events or not isinstance(events[-1], Finished):
+                events.append(job.events.get(timeout=60))
+            tokens.append([e.token for e in events if isinstance(e, TokenEvent)])
+            assert events[-1].finish_reason == "length"
+    finally:
+        engine.stop()
+    expected = reference(wide, prompt, 20, keep_all, with_caches(wide, lambda: QuantizedKVCache(32, 8)))
+    assert tokens == [[t for t, _ in expected]] * 2
+
+
 def test_chat_keeps_its_window_across_turns(lib):
     model, tokenizer = lib
     chat = ChatSession(model, tokenizer, use_chat_template=False, max_kv_size=16, max_tokens=12)
@@ -289,6 +311,8 @@ def test_bad_options_are_refused_by_the_library(wide, lib):
         list(generate_step(prompt, wide, max_tokens=2, prompt_cache=cache, kv_bits=4, kv_group_size=32))
     with pytest.raises(PipoError, match="batch cannot quantize"):
         BatchGenerator(wide, kv_bits=4)
+    with pytest.raises(PipoError, match="cannot be quantized"):
+        Engine(wide, lib[1], 0, kv_bits=4, kv_group_size=32, max_kv_size=64)
     gen = BatchGenerator(wide, max_kv_size=12)
     with pytest.raises(PipoError, match="not made with this batch's max_kv_size"):
         gen.insert(prompt, 4, prompt_cache=make_prompt_cache(wide))
@@ -320,7 +344,9 @@ def test_generate_refuses_bad_values_with_one_line(mlx_pipo, monkeypatch, capsys
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--kv-bits", "4"], "cannot be quantized"),
+    (["--kv-bits", "4"], "no group size does"),  # the test model's heads are 16 wide
+    (["--kv-bits", "4", "--max-kv-size", "64"], "cannot be quantized"),
+    (["--quantized-kv-start", "0"], "only apply with --kv-bits"),
     (["--max-kv-size", "4"], "at least 6"),
 ])
 def test_the_server_refuses_bad_values_with_one_line(mlx_pipo, monkeypatch, capsys, argv, message):

@@ -283,6 +283,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise PipoError(
             f"--prefill-step-size must be at least 2 (one pair), got {args.prefill_step_size}"
         )
+    check_kv_args(args)
+
+
+def check_kv_args(args: argparse.Namespace) -> None:
+    """The KV-cache flags (here and in the server) checked on their own and together."""
     if args.kv_bits is None and (args.kv_group_size, args.quantized_kv_start) != (None, None):
         raise PipoError("--kv-group-size and --quantized-kv-start only apply with --kv-bits")
     check_kv_options(**kv_options(args))

@@ -30,13 +30,13 @@ from ..decode import DEFAULT_PREFILL_STEP_SIZE, check_threshold
 from ..drafting import DEFAULT_DRAFT, DRAFT_MODES
 from ..engine import Engine, Failed, Finished, Job, ShuttingDown
 from ..errors import PipoError
-from ..kv_cache import check_max_kv_size
+from ..kv_cache import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START
 from ..token2_head import DEFAULT_TOKEN2_HEAD, make_token2_head, parse_token2_head
 from ..tokenizer_options import read_chat_template, set_chat_template, template_kwargs
 from . import run_cli
 from .anthropic_api import MessageReply, default_sampling, model_folder, parse_messages
 from .anthropic_api import error_body as anthropic_error
-from .generate import load_model
+from .generate import check_kv_args, kv_options, load_model
 from .openai_api import ApiError, ApiRequest, Defaults, Reply, parse_request
 from .server_access import (
     InFlight, add_access_args, authorized, cors_headers, known_name, log_request, model_names, stop_on_sigterm,
@@ -366,8 +366,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="rotating attention cache of this many tokens per request, in whole pairs, "
                    "as mlx-lm's batches rotate: no first tokens kept (docs/memory.md)")
     g.add_argument("--kv-bits", type=int,
-                   help="refused: requests decode as rows of one batch, and mlx-lm's batch caches "
-                   "cannot be quantized (generate.py has --kv-bits)")
+                   help="quantize the attention caches to this many bits, as in generate.py; mlx-lm's "
+                   "batch caches cannot be quantized, so requests then decode one at a time")
+    g.add_argument("--kv-group-size", type=int,
+                   help=f"group size of --kv-bits' quantization (default {DEFAULT_KV_GROUP_SIZE})")
+    g.add_argument("--quantized-kv-start", type=int,
+                   help=f"with --kv-bits, quantize once a cache holds this many tokens (default "
+                   f"{DEFAULT_QUANTIZED_KV_START})")
     add_access_args(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -384,12 +389,7 @@ def check_args(args: argparse.Namespace) -> int:
     if args.conf_threshold is not None:
         check_threshold(args.conf_threshold)
     parse_token2_head(args.token2_head)
-    if args.kv_bits is not None:
-        raise PipoError(
-            "--kv-bits: the server decodes requests as the rows of one batch, and mlx-lm's batch "
-            "caches cannot be quantized; use --max-kv-size, or generate.py --kv-bits for one sequence"
-        )
-    check_max_kv_size(args.max_kv_size)
+    check_kv_args(args)
     try:
         budget = int(_parse_size(args.prompt_cache_bytes))
     except (ValueError, ArithmeticError, KeyError, TypeError):
@@ -408,7 +408,7 @@ def make_server(args: argparse.Namespace) -> Server:
     set_chat_template(tokenizer, template)
     tokenizer.model_max_length = 1 << 62  # our own context check speaks instead of its warning
     engine = Engine(model, tokenizer, budget, args.max_concurrent, args.prefill_step_size,
-                    make_token2_head(model, args.token2_head), args.max_kv_size).start()
+                    make_token2_head(model, args.token2_head), **kv_options(args)).start()
     model_id, names = model_names(args.model or "pipo-stdlib", args.served_model_name)
     given = {"temperature": args.temp, "top_p": args.top_p, "top_k": args.top_k}
 
