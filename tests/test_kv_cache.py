@@ -286,6 +286,25 @@ def test_chat_keeps_its_window_across_turns(lib):
     assert sum(isinstance(c, RotatingKVCache) for c in chat.cache.layers) == 3
 
 
+@pytest.mark.parametrize("options,kind", [
+    (dict(kv_bits=8, kv_group_size=32, quantized_kv_start=34), QuantizedKVCache),  # at the 3rd step
+    (dict(max_kv_size=12), RotatingKVCache),
+])
+def test_still_one_evaluation_per_decode_step(wide, monkeypatch, options, kind):
+    """The conversion joins a step's lazy graph and the window writes in place: each decode
+    step is still queued once, before the previous one is read (tests/test_generate.py)."""
+    from test_generate import record_steps
+
+    log, _, unread = record_steps(monkeypatch)
+    cache = make_prompt_cache(wide, options.get("max_kv_size"))
+    out = list(generate_step(prompt_of(31, seed=12), wide, max_tokens=16, conf_threshold=0.5, draft="always",
+                             prefill_step_size=8, prompt_cache=cache, **options))
+    steps = sum(not is_token2 for _, _, is_token2 in out)
+    assert log == ["eval"] * 4 + ["async_eval"] * (steps + 1)  # 4 prefill chunks, then the steps
+    assert unread == [True] * steps
+    assert sum(isinstance(c, kind) for c in cache.layers) == 3
+
+
 # -- refusals -------------------------------------------------------------------------
 
 
