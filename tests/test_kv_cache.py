@@ -386,3 +386,19 @@ def test_generate_passes_the_window_on(lib, mlx_pipo, monkeypatch, capsys):
     unwindowed = "".join(r.text for r in stream_generate(
         model, tokenizer, "def f(x):", max_tokens=20, conf_threshold=-1.0, draft="always"))
     assert out == text + "\n" and text != unwindowed
+
+
+def test_generate_passes_the_quantization_on(monkeypatch, capsys):
+    """On the shipped demo (heads of 64): the CLI's text is the library's with the same options."""
+    demo = str(gen_cli.DEMO_PLACES[0])
+    argv = ["--model", demo, "-p", "import os", "-m", "16", "--ignore-chat-template", "-q",
+            "--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0"]
+    code, out, err = run_cli(gen_cli.main, argv, monkeypatch, capsys)
+    assert code == 0, err
+    model, tokenizer = load(demo)
+    cache = make_prompt_cache(model)
+    text = "".join(r.text for r in stream_generate(model, tokenizer, "import os", max_tokens=16, prompt_cache=cache,
+                                                   kv_bits=4, kv_group_size=32, quantized_kv_start=0))
+    assert out == text + "\n"
+    assert all(c.bits == 4 for c in cache.layers if isinstance(c, QuantizedKVCache))
+    assert sum(isinstance(c, QuantizedKVCache) for c in cache.layers) == 4
