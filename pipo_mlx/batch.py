@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import ArraysCache
+from mlx_lm.models.cache import ArraysCache, KVCache
 from mlx_lm.sample_utils import LogitsProcessor, Sampler, greedy_sampler
 
 from .decode import (
@@ -212,7 +212,8 @@ class BatchGenerator:
         backbone state it came from is kept as `last_hidden`.
         """
         row = self.rows[self.order[i]]
-        layers = [c.extract(i) for c in self.caches]
+        # An MTP cache that no row has written yet (one-pair prompts, no drafting since) has nothing to extract.
+        layers = [KVCache() if getattr(c, "keys", 0) is None else c.extract(i) for c in self.caches]
         if self.in_flight.drafted:
             for c in self.model.split_cache(layers)[1]:
                 c.trim(1)
@@ -223,7 +224,7 @@ class BatchGenerator:
         for c in layers:
             if isinstance(c, ArraysCache):
                 c.cache = [None if x is None else x * 1 for x in c.cache]
-            else:
+            elif c.keys is not None:
                 c.keys, c.values = c.keys * 1, c.values * 1
         hidden = hidden * 1
         mx.eval([c.state for c in layers], hidden)
