@@ -402,3 +402,30 @@ def test_generate_passes_the_quantization_on(monkeypatch, capsys):
     assert out == text + "\n"
     assert all(c.bits == 4 for c in cache.layers if isinstance(c, QuantizedKVCache))
     assert sum(isinstance(c, QuantizedKVCache) for c in cache.layers) == 4
+
+
+def test_the_memory_formula_holds_for_real_caches(wide):
+    """docs/memory.md's 16 GB table rests on bench_kv.predicted: the bytes of the caches
+    a real decode leaves, on both sides, for every option."""
+    from pathlib import Path
+
+    from mlx_lm.generate import generate_step as mlx_generate_step
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_kv
+
+    g = bench_kv.geometry_of(wide.args)
+    base = bench_kv.baseline_of(wide)
+    for option in ({}, dict(kv_bits=8, kv_group_size=32, quantized_kv_start=0),
+                   dict(kv_bits=4, kv_group_size=32, quantized_kv_start=10), dict(max_kv_size=12)):
+        cache = make_prompt_cache(wide, option.get("max_kv_size"))
+        list(generate_step(prompt_of(40, seed=13), wide, max_tokens=30, conf_threshold=-1.0, draft="always",
+                           prompt_cache=cache, **option))
+        assert bench_kv.cache_figures(cache.layers) == bench_kv.predicted(g, "pipo", len(cache.tokens), option, 4)
+        if "max_kv_size" in option:
+            continue  # mlx-lm makes no window for Qwen3.5
+        caches = base.make_cache()
+        list(mlx_generate_step(mx.array(prompt_of(40, seed=13)), base, max_tokens=30, prompt_cache=caches,
+                               **option))
+        # mlx-lm's generator has read its last token too when it ends: 40 + 30 positions.
+        assert bench_kv.cache_figures(caches) == bench_kv.predicted(g, "mlx-lm", 40 + 30, option, 4)
