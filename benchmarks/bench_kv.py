@@ -110,7 +110,7 @@ def fill(caches: List[Any], positions: int, option: Dict[str, Any], window: Opti
             new = KVCache()
         else:
             size, new = window, RotatingKVCache(max_size=window, keep=keep)
-            new._idx = window
+            new._idx = window  # full, as after `positions` writes: the next one rotates
         new.keys = (0.1 * mx.random.normal((B, H, size, D))).astype(c.keys.dtype)
         new.values = (0.1 * mx.random.normal((B, H, size, D))).astype(c.values.dtype)
         new.offset = positions
