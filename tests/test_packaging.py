@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("generate", "convert", "train", "benchmark", "calibrate", "cache_prompt")
+TOOLS = ("generate", "convert", "train", "fuse", "benchmark", "calibrate", "cache_prompt", "evaluate", "perplexity", "pass_at_k")
 
 
 def test_pip_install_gives_modules_and_console_scripts(tmp_path):
