@@ -117,7 +117,8 @@ def _template_args(body: Dict[str, Any], defaults: Defaults, thinking: Dict[str,
 
 
 def _tools(body: Dict[str, Any]) -> Tuple[Optional[List[Dict[str, Any]]], str]:
-    """The tools in the chat template's (OpenAI's) shape, and the tool choice: auto, any, none or a name."""
+    """The tools in the chat template's (OpenAI's) shape, and the tool choice: auto, any or none (a named
+    tool shows the template that tool alone and is then 'any')."""
     tools = _get(body, "tools", (list,), [], "a list of tools")
     out = []
     for i, t in enumerate(tools):
