@@ -363,14 +363,14 @@ def train_run(label: str, cmd: List[str], work: Path, tokens: int) -> Dict[str, 
     return row
 
 
-def ours(model: Path, data: Path, out: Path, seq: int, *extra: str) -> List[str]:
+def ours(model: Path, data: Path, out: Path, seq: int, iters: int, *extra: str) -> List[str]:
     return python("train_heads.py", "--model", str(model), "--data", str(data),
                   "--adapter-path", str(out), "--force", "--batch-size", "1",
-                  "--max-seq-length", str(seq), "--iters", "2", "--warmup", "0",
+                  "--max-seq-length", str(seq), "--iters", str(iters), "--warmup", "0",
                   "--steps-per-report", "1", "--save-every", "1000", *extra)
 
 
-def mlx_lm_lora(model: Path, data: Path, out: Path, seq: int, work: Path) -> List[str]:
+def mlx_lm_lora(model: Path, data: Path, out: Path, seq: int, iters: int, work: Path) -> List[str]:
     config = work / "lora.yaml"
     config.write_text(json.dumps({  # YAML reads JSON
         "lora_parameters": {"rank": 64, "scale": 2.0, "dropout": 0.0,
@@ -379,7 +379,7 @@ def mlx_lm_lora(model: Path, data: Path, out: Path, seq: int, work: Path) -> Lis
     }))
     return python("-m", "mlx_lm", "lora", "--model", str(model), "--train", "--data", str(data),
                   "--adapter-path", str(out), "--batch-size", "1", "--max-seq-length", str(seq),
-                  "--iters", "2", "--num-layers", "-1", "--steps-per-report", "1",
+                  "--iters", str(iters), "--num-layers", "-1", "--steps-per-report", "1",
                   "--steps-per-eval", "1000", "--val-batches", "1", "--save-every", "1000",
                   "-c", str(config))
 
@@ -444,28 +444,32 @@ def stage_train(a: argparse.Namespace, work: Path) -> Dict[str, Any]:
         if not models[name].is_dir():
             shutil.rmtree(models[name], ignore_errors=True)
             measure(cmd + ["--mlx-path", str(models[name])], work / f"convert-{name}.log")
-    rows = [
-        train_run(f"pipo {a.layers}-layer bf16, grad checkpoint", ours(
-            work / "pipo-bf16", data_full, work / "adapter-full", seq_full, "--grad-checkpoint"),
-            work, seq_full),
-        train_run(f"pipo {a.layers}-layer 4-bit QLoRA, grad checkpoint", ours(
-            work / "pipo-4bit", data_full, work / "adapter-full-4bit", seq_full,
-            "--grad-checkpoint"), work, seq_full),
-        train_run(f"pipo {a.short_layers}-layer f32", ours(models["pipo-short-f32"], data_short, work / "adapter-short",
-                                         seq_short), work, seq_short),
-        train_run(f"mlx_lm.lora {a.short_layers}-layer f32", mlx_lm_lora(
-            models["mlx-lm-short-f32"], data_short, work / "adapter-mlx-lm", seq_short, work),
-            work, seq_short),
-        train_run(f"pipo {a.short_layers}-layer bf16", ours(models["pipo-short-bf16"], data_short,
-                                          work / "adapter-short-bf16", seq_short), work, seq_short),
-        train_run(f"pipo {a.short_layers}-layer 4-bit QLoRA", ours(
-            models["pipo-short-4bit"], data_short, work / "adapter-short-4bit", seq_short),
-            work, seq_short),
-    ]
-    opd = train_run(f"pipo {a.short_layers}-layer bf16 OPD", ours(
-        models["pipo-short-bf16"], prompts, work / "adapter-opd", max(seq_short, 128), "--stage", "opd",
-        "--teacher", str(short / "base"), "--max-new-tokens", str(a.opd_tokens)), work, seq_short)
-    rows.append(opd)
+    runs = {  # key: (label, command, tokens per step)
+        "full-bf16": (f"pipo {a.layers}-layer bf16, grad checkpoint", ours(
+            work / "pipo-bf16", data_full, work / "adapter-full", seq_full, a.train_iters,
+            "--grad-checkpoint"), seq_full),
+        "full-4bit": (f"pipo {a.layers}-layer 4-bit QLoRA, grad checkpoint", ours(
+            work / "pipo-4bit", data_full, work / "adapter-full-4bit", seq_full, a.train_iters,
+            "--grad-checkpoint"), seq_full),
+        "short-f32": (f"pipo {a.short_layers}-layer f32", ours(
+            models["pipo-short-f32"], data_short, work / "adapter-short", seq_short,
+            a.train_iters), seq_short),
+        "mlx-lm": (f"mlx_lm.lora {a.short_layers}-layer f32", mlx_lm_lora(
+            models["mlx-lm-short-f32"], data_short, work / "adapter-mlx-lm", seq_short,
+            a.train_iters, work), seq_short),
+        "short-bf16": (f"pipo {a.short_layers}-layer bf16", ours(
+            models["pipo-short-bf16"], data_short, work / "adapter-short-bf16", seq_short,
+            a.train_iters), seq_short),
+        "short-4bit": (f"pipo {a.short_layers}-layer 4-bit QLoRA", ours(
+            models["pipo-short-4bit"], data_short, work / "adapter-short-4bit", seq_short,
+            a.train_iters), seq_short),
+        "opd": (f"pipo {a.short_layers}-layer bf16 OPD", ours(
+            models["pipo-short-bf16"], prompts, work / "adapter-opd", max(seq_short, 128),
+            a.train_iters, "--stage", "opd", "--teacher", str(short / "base"),
+            "--max-new-tokens", str(a.opd_tokens)), seq_short),
+    }
+    rows = [train_run(label, cmd, work, tokens) for key, (label, cmd, tokens) in runs.items()
+            if key in a.train_runs]
     return {"train_tokens": seq_full, "short_tokens": seq_short, "short_layers": a.short_layers,
             "rows": rows}
 
@@ -500,6 +504,7 @@ def summary(state: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TRAIN_RUNS = ("full-bf16", "full-4bit", "short-f32", "mlx-lm", "short-bf16", "short-4bit", "opd")
 STAGES = {"fixture": stage_fixture, "convert": stage_convert, "decode": stage_decode,
           "train": stage_train}
 
@@ -512,8 +517,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--redo", action="store_true", help="run the stages again even if results exist")
     p.add_argument("--out", help=f"results JSON (default {RESULTS.relative_to(ROOT)} for a full "
                                  "run, WORK/real_size.json for --tiny)")
+    p.add_argument("--train-runs", default=",".join(TRAIN_RUNS),
+                   help="the training runs of stage train, comma-separated (default all: "
+                   f"{', '.join(TRAIN_RUNS)})")
+    p.add_argument("--train-iters", type=int, default=2,
+                   help="steps per training run; the figures are the last step's (default 2)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.train_runs = a.train_runs.split(",")
+    if set(a.train_runs) - set(TRAIN_RUNS):
+        p.error(f"--train-runs: choose from {', '.join(TRAIN_RUNS)}")
     a.geometry = TINY if a.tiny else GEOMETRY
     a.layers = a.geometry["num_hidden_layers"]
     a.short_layers = 4
@@ -548,7 +561,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         state_path.write_text(json.dumps(state, indent=2))
     state["machine"]["load_average_end"] = os.getloadavg()
     print(summary(state), flush=True)
-    if all(name in state for name in STAGES):
+    if all(name in state for name in STAGES) and len(state["train"]["rows"]) == len(TRAIN_RUNS):
         a.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = a.out.with_name(f".{a.out.name}.tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
