@@ -13,6 +13,7 @@ There is no authentication unless --api-key is given: keep it on 127.0.0.1.
 import argparse
 import json
 import logging
+import os
 import select
 import socket
 import threading
@@ -451,6 +452,10 @@ def run(args: argparse.Namespace) -> None:
         server.app.engine.stop()
         server.app.inflight.wait(STOP_SECONDS)
         logging.info("stopped")
+    logging.shutdown()
+    # Stopped on request, every answer sent: skip the interpreter's teardown, in which the C++ destructors
+    # of MLX's and torch's threads now and then abort the process ("terminate called ...").
+    os._exit(0)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
