@@ -173,13 +173,16 @@ def _has_target(labels: np.ndarray) -> bool:
     return bool((labels[2:] != IGNORE).any())
 
 
-def read_jsonl(path: Path, what: str) -> Iterator[Tuple[int, str, Any]]:
-    """(line number, "FILE line N", record) for each non-blank line of a JSON Lines file."""
-    if not path.is_file():
+def read_jsonl(
+    path: Path, what: str, text: Optional[str] = None
+) -> Iterator[Tuple[int, str, Any]]:
+    """(line number, "FILE line N", record) for each non-blank line of a JSON Lines
+    file; `text`, when given, is the file's content (read on another host)."""
+    if text is None and not path.is_file():
         raise PipoError(f"{path} not found; put {what} there, one JSON object per line")
     try:
         # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends.
-        lines = path.read_text(encoding="utf-8").split("\n")
+        lines = (path.read_text(encoding="utf-8") if text is None else text).split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise PipoError(f"{path} is unreadable ({e}); it must be UTF-8 JSON Lines") from None
     for lineno, line in enumerate(lines, 1):
@@ -202,14 +205,15 @@ def load_dataset(
     max_len: int,
     too_long: str,
     skip_empty: bool = False,
+    text: Optional[str] = None,
 ) -> List[Example]:
-    """Read and tokenize a JSONL file; every problem names the file and line.
+    """Read and tokenize a JSONL file (or its `text`); every problem names the file and line.
 
     `skip_empty` drops (and counts) records with nothing to train on instead of
     refusing them: a teacher's rollouts may hold answers that are EOS alone.
     """
     examples, truncated, dropped, empty = [], 0, 0, 0
-    for _, where, record in read_jsonl(path, "training records"):
+    for _, where, record in read_jsonl(path, "training records", text):
         try:
             ex = encode_record(record, tokenizer, where)
         except EmptyRecord:
@@ -284,16 +288,18 @@ def _collate(
 
 
 def train_batch(
-    examples: List[Example], micro_step: int, cfg: TrainConfig, pad: int
+    examples: List[Example], micro_step: int, cfg: TrainConfig, pad: int, share: slice = slice(None)
 ) -> Tuple[mx.array, mx.array, int]:
-    """Micro-batch number `micro_step` (0-based): a pure function of the seed and the step."""
+    """Micro-batch number `micro_step` (0-based): a pure function of the seed and the
+    step; `share`, one rank's rows of it (pipo_mlx/distributed.py)."""
     rng = np.random.default_rng([cfg.seed, 0, micro_step])
     ratio = rng.uniform(0.0, cfg.max_pad_ratio)
+    # Every row is laid out, the others' too: the random splits are drawn in row order.
     rows = [
         pair_layout(examples[i], pad, ratio, rng)
         for i in batch_indices(len(examples), micro_step, cfg.batch_size, cfg.seed)
     ]
-    return _collate(rows, pad, cfg.max_seq_length)
+    return _collate(rows[share], pad, cfg.max_seq_length)
 
 
 def batch_indices(n: int, micro_step: int, batch_size: int, seed: int) -> List[int]:
@@ -326,8 +332,10 @@ def valid_chunks(items: Sequence[Any], cfg: TrainConfig) -> Iterator[Sequence[An
 
 
 def valid_batches(
-    examples: List[Example], cfg: TrainConfig, pad: int
+    examples: List[Example], cfg: TrainConfig, pad: int, rank: int = 0, ranks: int = 1
 ) -> Iterator[Tuple[mx.array, mx.array, int]]:
-    """The validation set in file order, without PAD augmentation."""
-    for chunk in valid_chunks(examples, cfg):
-        yield _collate([pair_layout(e, pad) for e in chunk], pad, cfg.max_seq_length)
+    """The validation set in file order, without PAD augmentation; of several
+    ranks, each takes every `ranks`-th batch from its `rank` on."""
+    for b, chunk in enumerate(valid_chunks(examples, cfg)):
+        if b % ranks == rank:
+            yield _collate([pair_layout(e, pad) for e in chunk], pad, cfg.max_seq_length)

@@ -24,6 +24,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load
 
 from .data import check_messages, read_jsonl, render_chat, seed_of
+from .distributed import World
 from .errors import PipoError
 from .hf_io import is_hub_id, read_json
 
@@ -135,13 +136,18 @@ def teacher_rollouts(
     max_tokens: int, temp: float = 1.0, top_p: float = 0.95, top_k: int = 20,
     presence_penalty: float = 1.5, seed: int = 0, batch_size: int = 16,
     identity: Optional[dict] = None, log: Callable[[str], Any] = print,
+    world: Optional[World] = None,
 ) -> Path:
     """Write `out_file`: every prompt's record with the teacher's answer, in prompt order.
 
     `identity` (JSON-able, e.g. the teacher's path) joins the settings a resumed run
     must share with the shards already written. An existing `out_file` holding one
-    record per prompt counts as done.
+    record per prompt counts as done. Of several ranks (`world`), each answers its
+    share of the batches and only rank 0, which keeps the folder, writes and logs.
     """
+    world = world or World.alone()
+    if not world.main:
+        log = _silent
     out_file = Path(out_file)
     if not prompts:
         raise PipoError("teacher_rollouts: no prompts given; read some with read_prompts")
@@ -149,6 +155,10 @@ def teacher_rollouts(
         raise PipoError(f"teacher_rollouts: max_tokens ({max_tokens}) and batch_size "
                         f"({batch_size}) must be ≥ 1 and seed ({seed}) ≥ 0")
     parts = out_file.parent / f".{out_file.name}.parts"
+    if not world.main:
+        _answer_share(teacher, tokenizer, prompts, max_tokens, temp, top_p, top_k,
+                      presence_penalty, seed, batch_size, world)
+        return out_file
     out_file.with_name(f".{out_file.name}.tmp").unlink(missing_ok=True)
     if out_file.exists():
         count = sum(1 for line in out_file.open(encoding="utf-8") if line.strip())
@@ -157,6 +167,7 @@ def teacher_rollouts(
                             "prompts; delete it or choose another output file")
         shutil.rmtree(parts, ignore_errors=True)  # left by a run stopped right after its rename
         log(f"[rollouts] {out_file} already holds all {count} records; nothing to do")
+        world.bytes_from_main(b"[]")  # nothing for the other ranks to answer
         return out_file
 
     # A digest, not the prompts: settings.json stays small for large prompt sets.
@@ -165,33 +176,26 @@ def teacher_rollouts(
         prompts=digest.hexdigest(), max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
         presence_penalty=presence_penalty, seed=seed, batch_size=batch_size, identity=identity)))
     _open_parts(parts, settings)
-    sampler = make_sampler(temp, top_p=top_p, top_k=top_k)
-    # mlx-lm 0.32's BatchGenerator runs each sequence's logits processors over its
-    # own prompt + output, so the presence penalty applies batched exactly as in
-    # mlx_lm.generate (its window: the last 20 tokens, the prompt's included).
-    processors = make_logits_processors(presence_penalty=presence_penalty)
-
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     shards = [parts / f"part-{b:05d}.jsonl" for b in range(len(batches))]
     todo = [b for b, shard in enumerate(shards) if not shard.exists()]
+    world.bytes_from_main(json.dumps(todo).encode())  # rank 0's disk says what is left
     done = len(prompts) - sum(len(batches[b]) for b in todo)
     if done:
         log(f"[rollouts] resuming: {len(batches) - len(todo)} of {len(batches)} batches in {parts}")
     start, made, generated, cut, empty = time.perf_counter(), 0, 0, 0, []
-    for b in todo:
-        chunk = batches[b]
-        # Seeded per batch, so a batch draws the same tokens in a resumed run.
-        mx.random.seed(seed_of(seed, b))
-        result = batch_generate(
-            teacher, tokenizer, [p.tokens for p in chunk], max_tokens=max_tokens,
-            sampler=sampler, logits_processors=processors, return_token_ids=True,
-            prefill_batch_size=len(chunk), completion_batch_size=len(chunk))
-        # batch_generate drops the stop token, so no answer holds EOS text.
-        _write_shard(shards[b], [_answered(p.record, t) for p, t in zip(chunk, result.texts)])
-        done, made = done + len(chunk), made + len(chunk)
-        generated += sum(len(ids) for ids in result.token_ids)
-        cut += sum(len(ids) == max_tokens for ids in result.token_ids)
-        empty += [p.line for p, t in zip(chunk, result.texts) if not t.strip()]
+    answer = _answerer(teacher, tokenizer, max_tokens, temp, top_p, top_k, presence_penalty, seed)
+    for first in range(0, len(todo), world.size):
+        # A round: batch todo[first + r] is rank r's; rank 0 writes them all.
+        round_ = todo[first : first + world.size]
+        mine = answer(batches[round_[world.rank]], round_[world.rank])
+        for b, (records, token_counts) in zip(round_, world.gather(mine)):
+            chunk = batches[b]
+            _write_shard(shards[b], records)
+            done, made = done + len(chunk), made + len(chunk)
+            generated += sum(token_counts)
+            cut += sum(n == max_tokens for n in token_counts)
+            empty += [p.line for p, r in zip(chunk, records) if not _answer_text(r).strip()]
         elapsed = time.perf_counter() - start
         log(f"[rollouts] {done}/{len(prompts)} prompts | {generated / elapsed:.0f} tok/s | "
             f"{timedelta(seconds=int(elapsed))} elapsed | "
@@ -213,6 +217,52 @@ def teacher_rollouts(
     shutil.rmtree(parts)
     log(f"[rollouts] wrote {len(prompts)} records to {out_file}")
     return out_file
+
+
+def _answerer(teacher: nn.Module, tokenizer: TokenizerWrapper, max_tokens: int, temp: float,
+              top_p: float, top_k: int, presence_penalty: float, seed: int) -> Callable:
+    """(batch of prompts, its index) -> (the answered records, each answer's token count)."""
+    sampler = make_sampler(temp, top_p=top_p, top_k=top_k)
+    # mlx-lm 0.32's BatchGenerator runs each sequence's logits processors over its
+    # own prompt + output, so the presence penalty applies batched exactly as in
+    # mlx_lm.generate (its window: the last 20 tokens, the prompt's included).
+    processors = make_logits_processors(presence_penalty=presence_penalty)
+
+    def answer(chunk: List[Prompt], b: int) -> Tuple[List[dict], List[int]]:
+        # Seeded per batch, so a batch draws the same tokens in a resumed run, and
+        # whichever rank answers it.
+        mx.random.seed(seed_of(seed, b))
+        result = batch_generate(
+            teacher, tokenizer, [p.tokens for p in chunk], max_tokens=max_tokens,
+            sampler=sampler, logits_processors=processors, return_token_ids=True,
+            prefill_batch_size=len(chunk), completion_batch_size=len(chunk))
+        # batch_generate drops the stop token, so no answer holds EOS text.
+        records = [_answered(p.record, t) for p, t in zip(chunk, result.texts)]
+        return records, [len(ids) for ids in result.token_ids]
+
+    return answer
+
+
+def _answer_text(record: dict) -> str:
+    return record["messages"][-1]["content"] if "messages" in record else record["completion"]
+
+
+def _answer_share(teacher: nn.Module, tokenizer: TokenizerWrapper, prompts: List[Prompt],
+                  max_tokens: int, temp: float, top_p: float, top_k: int,
+                  presence_penalty: float, seed: int, batch_size: int, world: World) -> None:
+    """A rank other than 0: answer the batches rank 0 names, round by round, as
+    teacher_rollouts does, and hand them to rank 0."""
+    todo = json.loads(world.bytes_from_main(b""))
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    answer = _answerer(teacher, tokenizer, max_tokens, temp, top_p, top_k, presence_penalty, seed)
+    for first in range(0, len(todo), world.size):
+        round_ = todo[first : first + world.size]
+        world.gather(answer(batches[round_[world.rank]], round_[world.rank])
+                     if world.rank < len(round_) else None)
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 def _check_vocabulary(model: nn.Module, tok: TokenizerWrapper, student: TokenizerWrapper,

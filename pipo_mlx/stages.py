@@ -6,7 +6,7 @@ so a resumed run repeats exactly what an uninterrupted one would have done.
 """
 
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,7 +14,10 @@ import numpy as np
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .data import batch_indices, load_data, seed_of, train_batch, valid_batches, valid_chunks
+from .data import (
+    batch_indices, load_data, load_dataset, seed_of, train_batch, valid_batches, valid_chunks,
+)
+from .distributed import World
 from .errors import PipoError
 from .losses import Meter, sft_pass, sft_terms
 from .model import PipoModel
@@ -22,6 +25,7 @@ from .opd import OPDMeter, Rollouts, Slots, opd_pass, opd_terms, rollout, slots,
 from .rollouts import Prompt, read_prompts, teacher_rollouts
 from .train_config import TrainConfig
 
+ONE = (1.0, 1.0, 1.0)  # the loss terms' scales in a lone process (trainer.py)
 ROLLOUTS = "rollouts"  # the teacher's answers for supervised training, in the run folder
 
 
@@ -40,9 +44,11 @@ class SupervisedStage:
     teacher's answers to their prompts when there is a teacher."""
 
     def __init__(
-        self, cfg: TrainConfig, model: PipoModel, tokenizer: TokenizerWrapper, teacher: Any
+        self, cfg: TrainConfig, model: PipoModel, tokenizer: TokenizerWrapper, teacher: Any,
+        world: World,
     ):
         self.cfg, self.model, self.tokenizer, self.teacher = cfg, model, tokenizer, teacher
+        self.world = world
         self.weights = (cfg.mtp_loss_weight, cfg.conf_loss_weight)
         if teacher is None:
             self.train_set, self.valid_set = load_data(
@@ -57,37 +63,62 @@ class SupervisedStage:
     def prepare(self, out: Path) -> None:
         if self.teacher is None:
             return
-        cfg, folder = self.cfg, out / ROLLOUTS
-        folder.mkdir(exist_ok=True)
+        cfg, folder, world = self.cfg, out / ROLLOUTS, self.world
+        if world.main:
+            folder.mkdir(exist_ok=True)
         for split, prompts in self.prompts.items():
             teacher_rollouts(
                 self.teacher, self.tokenizer, prompts, folder / f"{split}.jsonl",
                 max_tokens=cfg.max_new_tokens, temp=cfg.temp, top_p=cfg.top_p,
                 top_k=cfg.top_k, presence_penalty=cfg.presence_penalty,
                 seed=seed_of(cfg.seed, 4, split == "valid"), identity={"teacher": cfg.teacher},
-                log=lambda line: print(line, flush=True),
+                log=lambda line: print(line, flush=True), world=world,
             )
-        self.train_set, self.valid_set = load_data(
-            str(folder), self.tokenizer, self.model.pad_token_id, cfg, skip_empty=True
-        )
+        pad = self.model.pad_token_id
+        if world.main:
+            self.train_set, self.valid_set = load_data(
+                str(folder), self.tokenizer, pad, cfg, skip_empty=True
+            )
+        if world.size > 1:  # rank 0's files, to the ranks whose disk has none
+            texts = {
+                split: world.bytes_from_main(
+                    (folder / f"{split}.jsonl").read_bytes() if world.main else b""
+                ).decode("utf-8")
+                for split in self.prompts
+            }
+            if not world.main:
+                sets = {
+                    split: load_dataset(
+                        folder / f"{split}.jsonl", self.tokenizer, pad, cfg.max_seq_length,
+                        cfg.too_long, skip_empty=True, text=text,
+                    )
+                    for split, text in texts.items()
+                }
+                self.train_set, self.valid_set = sets["train"], sets.get("valid", [])
 
     def describe(self) -> str:
         return f"{len(self.train_set)} train / {len(self.valid_set)} valid records"
 
     def batch(self, micro_step: int) -> Tuple[mx.array, mx.array, int]:
-        return train_batch(self.train_set, micro_step, self.cfg, self.model.pad_token_id)
+        """This rank's rows of micro-batch `micro_step`."""
+        return train_batch(
+            self.train_set, micro_step, self.cfg, self.model.pad_token_id,
+            self.world.rows(self.cfg.batch_size),
+        )
 
     def valid(self) -> Iterator[Tuple[mx.array, mx.array, int]]:
-        return valid_batches(self.valid_set, self.cfg, self.model.pad_token_id)
+        w = self.world
+        return valid_batches(self.valid_set, self.cfg, self.model.pad_token_id, w.rank, w.size)
 
     def evaluate(self, batch: Tuple[mx.array, mx.array, int]) -> Tuple[Any, Dict[str, float]]:
         ids, labels, _ = batch
         prepared, stats = sft_pass(self.model, ids, labels, self.cfg.ce_chunk_size)
         return (ids, prepared), stats
 
-    def loss(self, prepared: Any) -> mx.array:
-        terms, w = sft_terms(self.model, *prepared), self.weights
-        return terms["lm"] + w[0] * terms["mtp"] + w[1] * terms["conf"]
+    def loss(self, prepared: Any, scales: Sequence[float] = ONE) -> mx.array:
+        """The weighted sum of the terms, each scaled as the trainer asks (1 alone)."""
+        terms, w, s = sft_terms(self.model, *prepared), self.weights, scales
+        return s[0] * terms["lm"] + w[0] * (s[1] * terms["mtp"]) + w[1] * (s[2] * terms["conf"])
 
     @staticmethod
     def tokens(batch: Tuple[mx.array, mx.array, int]) -> int:
@@ -101,9 +132,12 @@ class SupervisedStage:
 OPDBatch = Tuple[Rollouts, Slots, Slots]
 
 
-def _distillation_loss(model: PipoModel, weights: Tuple[float, float], prepared: Any) -> mx.array:
+def _distillation_loss(
+    model: PipoModel, weights: Tuple[float, float], prepared: Any, s: Sequence[float]
+) -> mx.array:
     terms = opd_terms(model, *prepared)
-    return terms["kl1"] + weights[0] * terms["kl2"] + weights[1] * terms["conf"]
+    w = weights
+    return s[0] * terms["kl1"] + w[0] * (s[1] * terms["kl2"]) + w[1] * (s[2] * terms["conf"])
 
 
 class SoftTargetStage(SupervisedStage):
@@ -112,9 +146,10 @@ class SoftTargetStage(SupervisedStage):
     losses run teacher-forced (docs/design.md §7)."""
 
     def __init__(
-        self, cfg: TrainConfig, model: PipoModel, tokenizer: TokenizerWrapper, teacher: Any
+        self, cfg: TrainConfig, model: PipoModel, tokenizer: TokenizerWrapper, teacher: Any,
+        world: World,
     ):
-        super().__init__(cfg, model, tokenizer, teacher)
+        super().__init__(cfg, model, tokenizer, teacher, world)
         self.eos = sorted(tokenizer.eos_token_ids)
 
     def evaluate(self, batch: Tuple[mx.array, mx.array, int]) -> Tuple[Any, Dict[str, float]]:
@@ -127,8 +162,8 @@ class SoftTargetStage(SupervisedStage):
         )
         return (forced, token1, token2, prepared), stats
 
-    def loss(self, prepared: Any) -> mx.array:
-        return _distillation_loss(self.model, self.weights, prepared)
+    def loss(self, prepared: Any, scales: Sequence[float] = ONE) -> mx.array:
+        return _distillation_loss(self.model, self.weights, prepared, scales)
 
     @staticmethod
     def meter() -> OPDMeter:
@@ -139,9 +174,10 @@ class DistillationStage:
     """Stage 2: the student's own rollouts, scored by the teacher (docs/design.md §7)."""
 
     def __init__(
-        self, cfg: TrainConfig, model: PipoModel, tokenizer: TokenizerWrapper, teacher: Any
+        self, cfg: TrainConfig, model: PipoModel, tokenizer: TokenizerWrapper, teacher: Any,
+        world: World,
     ):
-        self.cfg, self.model, self.teacher = cfg, model, teacher
+        self.cfg, self.model, self.teacher, self.world = cfg, model, teacher, world
         self.weights = (cfg.mtp_loss_weight, cfg.conf_loss_weight)
         self.eos = sorted(tokenizer.eos_token_ids)
         train, valid = _splits(Path(cfg.data).expanduser())
@@ -178,21 +214,28 @@ class DistillationStage:
         return (batch, *slots(self.teacher, batch, self.model.pad_token_id, self.eos))
 
     def batch(self, micro_step: int) -> OPDBatch:
-        cfg = self.cfg
+        """This rank's prompts of micro-batch `micro_step`, rolled out."""
+        cfg, world = self.cfg, self.world
         picked = batch_indices(len(self.train_set), micro_step, cfg.batch_size, cfg.seed)
-        return self._rollouts([self.train_set[i] for i in picked], seed_of(cfg.seed, 2, micro_step))
+        picked = picked[world.rows(cfg.batch_size)]
+        # Each rank samples its own stream; one process keeps the stream it always
+        # had, so its runs (and their resumes) are unchanged.
+        seed = seed_of(cfg.seed, 2, micro_step, *([world.rank] if world.size > 1 else []))
+        return self._rollouts([self.train_set[i] for i in picked], seed)
 
     def valid(self) -> Iterator[OPDBatch]:
+        w = self.world
         for b, chunk in enumerate(valid_chunks(self.valid_set, self.cfg)):
-            yield self._rollouts(chunk, seed_of(self.cfg.seed, 3, b))
+            if b % w.size == w.rank:
+                yield self._rollouts(chunk, seed_of(self.cfg.seed, 3, b))
 
     def evaluate(self, batch: OPDBatch) -> Tuple[Any, Dict[str, float]]:
         cfg = self.cfg
         prepared, stats = opd_pass(self.model, *batch, cfg.kl, cfg.kl_topk, cfg.ce_chunk_size)
         return (*batch, prepared), stats
 
-    def loss(self, prepared: Any) -> mx.array:
-        return _distillation_loss(self.model, self.weights, prepared)
+    def loss(self, prepared: Any, scales: Sequence[float] = ONE) -> mx.array:
+        return _distillation_loss(self.model, self.weights, prepared, scales)
 
     @staticmethod
     def tokens(batch: OPDBatch) -> int:
@@ -204,10 +247,14 @@ class DistillationStage:
 
 
 def make_stage(
-    cfg: TrainConfig, model: PipoModel, tokenizer: TokenizerWrapper, teacher: Optional[nn.Module]
+    cfg: TrainConfig, model: PipoModel, tokenizer: TokenizerWrapper, teacher: Optional[nn.Module],
+    world: Optional[World] = None,
 ):
-    """The stage `cfg` asks for; reads and checks its data, writes nothing."""
+    """The stage `cfg` asks for, on `world`'s share of each batch (default: the
+    ranks mlx.launch started, or this process alone); reads and checks its data,
+    writes nothing."""
+    world = world or World(cfg.peer_timeout)
     if cfg.stage == "opd":
-        return DistillationStage(cfg, model, tokenizer, teacher)
+        return DistillationStage(cfg, model, tokenizer, teacher, world)
     stage = SoftTargetStage if cfg.soft_targets else SupervisedStage
-    return stage(cfg, model, tokenizer, teacher)
+    return stage(cfg, model, tokenizer, teacher, world)

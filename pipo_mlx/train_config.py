@@ -61,6 +61,9 @@ class TrainConfig:
     force: bool = False
     fuse: bool = False
     dequantize: bool = False
+    # Several ranks (mlx.launch): how long a rank waits for the others at a
+    # collective before it stops (pipo_mlx/distributed.py).
+    peer_timeout: float = 600.0
 
     # What a resumed run may change: nothing here alters the data order, the
     # model being trained or the optimizer's rule. (`iters` does reshape the
@@ -80,6 +83,7 @@ class TrainConfig:
             "fuse",
             "dequantize",
             "adapter_path",
+            "peer_timeout",
         }
     )
 
@@ -113,6 +117,8 @@ class TrainConfig:
             raise PipoError("--dequantize is an option of --fuse; pass --fuse as well")
         if self.resume and self.force:
             raise PipoError("--resume continues a run and --force discards it; pass only one")
+        if not self.peer_timeout > 0:
+            raise PipoError("--peer-timeout must be positive (seconds)")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise PipoError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}")
         if self.stage not in STAGES or self.kl not in KL_MODES:

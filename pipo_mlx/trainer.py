@@ -10,6 +10,7 @@ import sys
 import time
 from contextlib import nullcontext
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
@@ -20,6 +21,7 @@ from mlx_lm.utils import get_total_parameters
 
 from . import backbones
 from .adapters import dequantized_reads, grad_checkpointing, save_fused, setup_trainable
+from .distributed import World, run_parts, share_state
 from .interrupts import ctrl_c_noted
 from .model import PipoModel
 from .model_io import load
@@ -64,34 +66,49 @@ def info(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 def train(cfg: TrainConfig) -> PipoModel:
     """Train the PIPO heads as `cfg` says; returns the trained model (with LoRA layers,
     or fused when cfg.fuse)."""
     cfg.check()
+    # Under mlx.launch each rank takes its rows of every batch; alone, all of them.
+    world = World(cfg.peer_timeout)
+    world.rows(cfg.batch_size)  # a batch the ranks cannot share is refused before loading
     model, tokenizer = load(cfg.model)
     teacher = None
     if cfg.teacher:
         teacher, _ = check_teacher(cfg.teacher, tokenizer, model.args.vocab_size)
-    stage = make_stage(cfg, model, tokenizer, teacher)
+    stage = make_stage(cfg, model, tokenizer, teacher, world)
     mx.random.seed(cfg.seed)  # LoRA's initial A matrices
     tuning = setup_trainable(model, cfg)
+    world.check_same(lambda: run_parts(cfg, model, teacher))
     optimizer = make_optimizer(cfg)
-    out = start_run(cfg)
+    # Only rank 0 keeps the run folder; the others receive what it holds.
+    out = start_run(cfg) if world.main else Path(cfg.adapter_path).expanduser()
     stage.prepare(out)
-    step = restore_checkpoint(out, model, optimizer) if cfg.resume else 0
+    step = restore_checkpoint(out, model, optimizer) if cfg.resume and world.main else 0
+    if cfg.resume:
+        step = share_state(world, model, optimizer, step)
+    # Rank 0 speaks for all: the figures it prints are summed over the ranks.
+    show, say = (print, info) if world.main else (_silent, _silent)
 
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_all = get_total_parameters(model)  # a quantized weight counted unpacked, as mlx-lm does
     lora = "LoRA r=%d + heads" % cfg.lora_rank if cfg.lora else "heads only"
     if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
         lora += ", over quantized weights"
-    info(
+    if world.size > 1:
+        lora += f", data-parallel over {world.size} ranks"
+    say(
         f"[INFO] {cfg.stage}: {stage.describe()}; trainable "
         f"{n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters ({lora}), computing in "
         f"{str(model.compute_dtype).split('.')[-1]}"
     )
     if step:
-        info(f"[INFO] resumed from step {step} in {out}")
+        say(f"[INFO] resumed from step {step} in {out}")
 
     weights = (cfg.mtp_loss_weight, cfg.conf_loss_weight)
     loss_and_grad = nn.value_and_grad(model, stage.loss)
@@ -102,8 +119,9 @@ def train(cfg: TrainConfig) -> PipoModel:
         for batch in stage.valid():
             meter.add(stage.evaluate(batch)[1])
         model.train()
+        meter.sums = world.total(meter.sums)
         if meter.sums:
-            print(f"[val] step {at}: {meter.line(weights)}", flush=True)
+            show(f"[val] step {at}: {meter.line(weights)}", flush=True)
 
     model.train()
     if teacher is not None:
@@ -129,11 +147,16 @@ def train(cfg: TrainConfig) -> PipoModel:
                 # Values and head-input gradients first, outside autodiff; then one
                 # lazy forward and backward (losses.py says why).
                 prepared, stats = stage.evaluate(batch)
-                _, g = loss_and_grad(prepared)
+                # The terms are means over token1, token2 and token2 slots; scaled so
+                # that the ranks' average is the mean over the whole batch.
+                _, g = loss_and_grad(
+                    prepared, world.term_scales([stats["n1"], stats["n2"], stats["n2"]])
+                )
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 mx.eval(grads)
                 meter.add(stats)
                 tokens += stage.tokens(batch)
+            grads = world.average(grads)
             if cfg.grad_accumulation > 1:
                 grads = tree_map(lambda g: g / cfg.grad_accumulation, grads)
             if cfg.grad_clip > 0:
@@ -147,10 +170,12 @@ def train(cfg: TrainConfig) -> PipoModel:
             window += 1
 
             if step % cfg.steps_per_report == 0 or step == cfg.iters:
+                totals = world.total({**meter.sums, "tokens": tokens})
+                tokens, meter.sums = totals.pop("tokens"), totals
                 eta = total_elapsed / (step - start) * (cfg.iters - step)
                 # The optimizer holds the rate of its latest update.
                 lr = optimizer.learning_rate.item()
-                print(
+                show(
                     f"[train] step {step}/{cfg.iters} | {meter.line(weights)} | lr {lr:.2e} | "
                     f"{tokens / elapsed:.0f} tok/s, {elapsed / window:.2f} s/step | "
                     f"peak {mx.get_peak_memory() / 1e9:.2f} GB | "
@@ -160,13 +185,14 @@ def train(cfg: TrainConfig) -> PipoModel:
                 meter, tokens, elapsed, window = stage.meter(), 0, 0.0, 0
             if step % cfg.val_every == 0 or step == cfg.iters:
                 validate(step)
-            if step % cfg.save_every == 0 or step == cfg.iters or stop_requested():
+            stop = world.any(stop_requested())  # every rank stops after the same step
+            if (step % cfg.save_every == 0 or step == cfg.iters or stop) and world.main:
                 save_checkpoint(out, step, model, optimizer)
-            if stop_requested():
-                info(f"[INFO] saved step {step} in {out}; continue with --resume")
+            if stop:
+                say(f"[INFO] saved step {step} in {out}; continue with --resume")
                 raise KeyboardInterrupt
-    info(f"[INFO] step {step}: checkpoint in {out / f'step-{step:07d}'}")
-    if cfg.fuse:
+    say(f"[INFO] step {step}: checkpoint in {out / f'step-{step:07d}'}")
+    if cfg.fuse and world.main:
         dst = save_fused(model, tuning, cfg.model, out / "fused", tokenizer, cfg.dequantize)
-        info(f"[INFO] fused model in {dst}")
+        say(f"[INFO] fused model in {dst}")
     return model

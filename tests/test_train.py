@@ -97,10 +97,10 @@ def interrupt_at(monkeypatch, micro_step: int) -> None:
     """Press Ctrl-C while micro-batch `micro_step` is being built."""
     real = stages.train_batch
 
-    def batch(examples, k, cfg, pad):
+    def batch(examples, k, *rest):
         if k == micro_step:
             os.kill(os.getpid(), signal.SIGINT)
-        return real(examples, k, cfg, pad)
+        return real(examples, k, *rest)
 
     monkeypatch.setattr(stages, "train_batch", batch)
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ..distributed import World
 from ..errors import PipoError
 from ..hf_io import read_json
 from ..train_config import COMPUTE_DTYPES, KL_MODES, OPTIMIZERS, STAGES, TrainConfig
@@ -267,6 +268,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="with --fuse and a quantized --model: write the fused model unquantized, "
         "in the dtype of the quantization scales",
     )
+    g.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=D.peer_timeout,
+        help="under mlx.launch: seconds a rank waits for the others at each exchange "
+        f"before it stops with an error (default {D.peer_timeout:g}); it must cover the "
+        "largest gap between ranks' steps",
+    )
 
     return p
 
@@ -308,7 +317,8 @@ def check_output(cfg: TrainConfig) -> None:
 
 def run(cfg: TrainConfig) -> None:
     cfg.check()
-    check_output(cfg)
+    if World(cfg.peer_timeout).main:  # under mlx.launch only rank 0 has the run folder
+        check_output(cfg)
     train(cfg)
 
 
