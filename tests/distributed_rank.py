@@ -57,15 +57,16 @@ def at_micro_step(spec: str, act) -> None:
     stages.train_batch = batch
 
 
-if os.environ.get("PIPO_TEST_FIXED_ROLLOUTS"):
-    stages.rollout = fixed_rollout
-if RANK == 1:
-    for flag, value in json.loads(os.environ.get("PIPO_TEST_RANK1", "{}")).items():
-        sys.argv[sys.argv.index(flag) + 1] = value
-if os.environ.get("PIPO_TEST_STOP"):
-    at_micro_step(os.environ["PIPO_TEST_STOP"], lambda: os.kill(os.getpid(), signal.SIGINT))
-if os.environ.get("PIPO_TEST_HANG"):
-    at_micro_step(os.environ["PIPO_TEST_HANG"], lambda: time.sleep(3600))
-if os.environ.get("PIPO_TEST_EXIT"):
-    at_micro_step(os.environ["PIPO_TEST_EXIT"], lambda: os._exit(3))
-main()
+if __name__ == "__main__":
+    if os.environ.get("PIPO_TEST_FIXED_ROLLOUTS"):
+        stages.rollout = fixed_rollout
+    if RANK == 1:
+        for flag, value in json.loads(os.environ.get("PIPO_TEST_RANK1", "{}")).items():
+            sys.argv[sys.argv.index(flag) + 1] = value
+    if os.environ.get("PIPO_TEST_STOP"):
+        at_micro_step(os.environ["PIPO_TEST_STOP"], lambda: os.kill(os.getpid(), signal.SIGINT))
+    if os.environ.get("PIPO_TEST_HANG"):
+        at_micro_step(os.environ["PIPO_TEST_HANG"], lambda: time.sleep(3600))
+    if os.environ.get("PIPO_TEST_EXIT"):
+        at_micro_step(os.environ["PIPO_TEST_EXIT"], lambda: os._exit(3))
+    main()

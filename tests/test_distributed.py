@@ -2,8 +2,8 @@
 started by mlx.launch against one process over the same global batch, resume,
 who writes, and ranks that fail (pipo_mlx/distributed.py).
 
-Every run is a subprocess running tests/distributed_rank.py (train_heads.py
-with the test's seams); the one-process run is the reference.
+Each rank runs tests/distributed_rank.py (train_heads.py with the test's
+seams); the reference, one process over the whole batch, runs in this one.
 """
 
 import contextlib
@@ -19,6 +19,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from distributed_rank import fixed_rollout
+from pipo_mlx import stages
+from pipo_mlx import trainer as T
+from pipo_mlx.train_config import TrainConfig
 from test_opd_train import plain_teacher
 from test_train import cyclic_records, write_data
 
@@ -50,15 +54,19 @@ def free_ports() -> int:
                 continue
 
 
-def train(ranks: int, model, data, out, env=None, **kw) -> subprocess.CompletedProcess:
-    """train_heads.py alone (ranks 1) or under `mlx.launch --backend ring -n ranks`."""
+def alone(model, data, out, **kw) -> None:
+    """The reference: one process, in this one, over the whole batch."""
+    T.train(TrainConfig(str(model), str(data), str(out), **{**TINY, **kw}))
+
+
+def launch(model, data, out, env=None, **kw) -> subprocess.CompletedProcess:
+    """train_heads.py on two ranks: `mlx.launch --backend ring -n 2` on 127.0.0.1."""
     args = ["--model", str(model), "--data", str(data), "--adapter-path", str(out)]
     for k, v in {**TINY, **kw}.items():
         flag = "--" + k.replace("_", "-")
         args += [flag] if v is True else [flag, str(v)]
-    cmd = [sys.executable, RANK, *args]
-    if ranks > 1:
-        cmd = [LAUNCH, "--backend", "ring", "-n", str(ranks), "-p", str(free_ports()), "--", *cmd]
+    cmd = [LAUNCH, "--backend", "ring", "-n", "2", "-p", str(free_ports()), "--",
+           sys.executable, RANK, *args]
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, **(env or {})}, start_new_session=True,
@@ -113,12 +121,11 @@ def two_ranks(mlx_pipo, data, tmp_path_factory):
     """A two-rank run whose rank 1 was given an --adapter-path of its own."""
     out = tmp_path_factory.mktemp("two") / "run"
     own = {"PIPO_TEST_RANK1": json.dumps({"--adapter-path": f"{out}-rank1"})}
-    return train(2, mlx_pipo, data, out, env=own, fuse=True), out
+    return launch(mlx_pipo, data, out, env=own, fuse=True), out
 
 
 def test_two_ranks_train_as_one_process_with_the_whole_batch(mlx_pipo, data, two_ranks, tmp_path):
-    one = train(1, mlx_pipo, data, tmp_path / "one")
-    assert one.returncode == 0, one.stderr
+    alone(mlx_pipo, data, tmp_path / "one")
     two, out = two_ranks
     assert two.returncode == 0 and "WARN" not in two.stderr, two.stderr
     (a, step_a), (b, step_b) = weights(tmp_path / "one"), weights(out)
@@ -136,11 +143,11 @@ def test_a_resumed_two_rank_run_equals_the_uninterrupted_one(mlx_pipo, data, two
     out = tmp_path / "split"
     own = {"PIPO_TEST_RANK1": json.dumps({"--adapter-path": str(tmp_path / "elsewhere")})}
     # Ctrl-C on rank 1 alone, during step 3: both ranks stop after it, rank 0 saves.
-    stopped = train(2, mlx_pipo, data, out, env={**own, "PIPO_TEST_STOP": "1:2"}, fuse=True)
+    stopped = launch(mlx_pipo, data, out, env={**own, "PIPO_TEST_STOP": "1:2"}, fuse=True)
     assert "continue with --resume" in stopped.stderr, stopped.stderr
     assert weights(out)[1] == 3
     # Rank 1 has no checkpoint of its own: it receives rank 0's.
-    resumed = train(2, mlx_pipo, data, out, env=own, fuse=True, resume=True)
+    resumed = launch(mlx_pipo, data, out, env=own, fuse=True, resume=True)
     assert resumed.returncode == 0 and "resumed from step 3" in resumed.stderr, resumed.stderr
     (whole, _), (split, step) = weights(two_ranks[1]), weights(out)
     assert step == 4 and whole.keys() == split.keys()
@@ -149,12 +156,14 @@ def test_a_resumed_two_rank_run_equals_the_uninterrupted_one(mlx_pipo, data, two
     assert not (tmp_path / "elsewhere").exists()
 
 
-def test_distillation_on_fixed_rollouts_matches_one_process(mlx_pipo, data, teacher, tmp_path):
+def test_distillation_on_fixed_rollouts_matches_one_process(
+    mlx_pipo, data, teacher, tmp_path, monkeypatch
+):
     kw = dict(stage="opd", teacher=str(teacher), kl="full", max_new_tokens=8)
-    fixed = {"PIPO_TEST_FIXED_ROLLOUTS": "1"}
-    one = train(1, mlx_pipo, data, tmp_path / "one", env=fixed, **kw)
-    two = train(2, mlx_pipo, data, tmp_path / "two", env=fixed, **kw)
-    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    monkeypatch.setattr(stages, "rollout", fixed_rollout)
+    alone(mlx_pipo, data, tmp_path / "one", **kw)
+    two = launch(mlx_pipo, data, tmp_path / "two", env={"PIPO_TEST_FIXED_ROLLOUTS": "1"}, **kw)
+    assert two.returncode == 0, two.stderr
     assert_close(weights(tmp_path / "one")[0], weights(tmp_path / "two")[0])
 
 
@@ -162,10 +171,10 @@ def test_teacher_answers_and_soft_targets_split_by_rank_match_one_process(
     mlx_pipo, data, teacher, tmp_path
 ):
     kw = dict(teacher=str(teacher), soft_targets=True, kl="full", max_new_tokens=8)
-    one = train(1, mlx_pipo, data, tmp_path / "one", **kw)
+    alone(mlx_pipo, data, tmp_path / "one", **kw)
     own = {"PIPO_TEST_RANK1": json.dumps({"--adapter-path": str(tmp_path / "elsewhere")})}
-    two = train(2, mlx_pipo, data, tmp_path / "two", env=own, **kw)
-    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    two = launch(mlx_pipo, data, tmp_path / "two", env=own, **kw)
+    assert two.returncode == 0, two.stderr
     # Each batch of prompts is seeded by its index, whichever rank answers it; rank
     # 0 joined the answers into the same files.
     for split in ("train", "valid"):
@@ -176,19 +185,19 @@ def test_teacher_answers_and_soft_targets_split_by_rank_match_one_process(
 
 
 def test_bad_set_ups_stop_every_rank_with_one_line(mlx_pipo, data, tmp_path):
-    odd = train(2, mlx_pipo, data, tmp_path / "odd", batch_size=3)
+    odd = launch(mlx_pipo, data, tmp_path / "odd", batch_size=3)
     assert "error: --batch-size 3 does not divide among 2 ranks" in odd.stderr, odd.stderr
     ended(odd)
 
     other = write_data(tmp_path / "other", cyclic_records(24, 5, "pc"), cyclic_records(6, 1, "pc"))
-    mixed = train(2, mlx_pipo, data, tmp_path / "mixed",
+    mixed = launch(mlx_pipo, data, tmp_path / "mixed",
                   env={"PIPO_TEST_RANK1": json.dumps({"--data": str(other)})})
     assert "error: rank 1's data differs from rank 0's" in mixed.stderr, mixed.stderr
     ended(mixed)
 
 
 def test_a_hanging_rank_stops_the_other_within_the_timeout(mlx_pipo, data, tmp_path):
-    hung = train(2, mlx_pipo, data, tmp_path / "run", env={"PIPO_TEST_HANG": "1:2"},
+    hung = launch(mlx_pipo, data, tmp_path / "run", env={"PIPO_TEST_HANG": "1:2"},
                  peer_timeout=3)
     assert "error: rank 0: no answer from the other ranks for 3 s" in hung.stderr, hung.stderr
     ended(hung)
