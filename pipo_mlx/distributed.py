@@ -94,7 +94,7 @@ class World:
         if n % self.size:
             raise PipoError(
                 f"--batch-size {n} does not divide among {self.size} ranks; pass a multiple "
-                f"of {self.size} (it is the global batch: each rank takes {self.size}th of it)"
+                f"of {self.size} (it is the global batch, shared equally by the ranks)"
             )
         share = n // self.size
         return slice(self.rank * share, (self.rank + 1) * share)
@@ -144,8 +144,10 @@ class World:
         if self.size == 1:
             return data
         n = int(self.from_main(mx.array(len(data) if self.main else 0)).item())
+        if n == 0:
+            return b""
         buf = np.frombuffer(data, np.uint8) if self.main else np.zeros(n, np.uint8)
-        return bytes(np.array(self.from_main(mx.array(buf.astype(np.int32))), np.uint8))
+        return bytes(np.array(self.from_main(mx.array(buf))))
 
     def gather_bytes(self, data: bytes) -> List[bytes]:
         """Every rank's bytes, in rank order, on every rank."""
@@ -155,11 +157,11 @@ class World:
             mx.array([len(data) if r == self.rank else 0 for r in range(self.size)]),
             "gathering sizes",
         ).tolist()
-        buf = np.zeros(max(lengths), np.int32)
+        buf = np.zeros(max(*lengths, 1), np.uint8)  # never empty: see opd.py on empty arrays
         buf[: len(data)] = np.frombuffer(data, np.uint8)
         with self._watched("gathering results"):
             rows = mx.distributed.all_gather(mx.array(buf)[None], group=self.group, stream=mx.cpu)
-            rows = np.array(rows, np.uint8)
+            rows = np.array(rows)
         return [bytes(rows[r, :n]) for r, n in enumerate(lengths)]
 
     def gather(self, obj: Any) -> List[Any]:
