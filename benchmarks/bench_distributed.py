@@ -7,7 +7,9 @@ over the same global batch (docs/training.md, "Training on several Macs").
 What it measures:
 1. s/step of the demo's fine-tuning (models/pipo-stdlib on examples/data, LoRA
    rank 8, global batch 4) by train_heads.py alone and under
-   `mlx.launch --backend ring -n 2` on 127.0.0.1; the first steps are left out.
+   `mlx.launch --backend ring -n 2` on 127.0.0.1, and the part of the two-rank
+   step that rank 0 spent in collectives (its wait for rank 1 included), from
+   its reports; the first two steps are left out.
 2. The exchange alone: `mlx.nn.average_gradients` over float32 arrays shaped
    like the trainable set, timed under `mlx.launch -n 2`, for the demo and for
    the real Qwen3.5-4B geometry at rank 64. The 4B set is computed from its
@@ -112,8 +114,9 @@ def launched(ranks: int, cmd: List[str]) -> List[str]:
     return [launch, "--backend", "ring", "-n", str(ranks), "-p", str(free_port()), "--", *cmd]
 
 
-def train_steps(ranks: int, iters: int, out: Path) -> List[float]:
-    """s/step of each step after the first two."""
+def train_steps(ranks: int, iters: int, out: Path) -> Tuple[List[float], List[float]]:
+    """s/step of each step after the first two, and of that the seconds rank 0
+    spent in collectives (two ranks only; its wait for the other included)."""
     cmd = [
         sys.executable, str(ROOT / "train_heads.py"), "--model", DEMO["model"],
         "--data", DEMO["data"], "--adapter-path", str(out), "--force",
@@ -124,9 +127,10 @@ def train_steps(ranks: int, iters: int, out: Path) -> List[float]:
     ]
     run = subprocess.run(launched(ranks, cmd), cwd=ROOT, capture_output=True, text=True)
     steps = [float(s) for s in re.findall(r"([\d.]+) s/step", run.stdout)]
+    exchanging = [float(s) for s in re.findall(r"([\d.]+) exchanging", run.stdout)]
     if run.returncode or len(steps) != iters or "WARN" in run.stderr:
         raise SystemExit(f"train_heads.py on {ranks} rank(s) failed:\n{run.stderr[-2000:]}")
-    return steps[2:]
+    return steps[2:], exchanging[2:]
 
 
 def exchange_worker(spec: str) -> None:
@@ -179,8 +183,8 @@ def main() -> None:
     demo, real = demo_shapes(), trainable_shapes(GEOMETRY, 64)
     demo_params, real_params = count(demo), count(real)
 
-    one = train_steps(1, iters, work / "one")
-    two = train_steps(2, iters, work / "two")
+    one, _ = train_steps(1, iters, work / "one")
+    two, exchanging = train_steps(2, iters, work / "two")
     demo_x = exchange_s(demo, repeats)
     real_x = exchange_s(real, repeats)
     load = os.getloadavg()
@@ -191,6 +195,7 @@ def main() -> None:
         "demo": {
             "setup": DEMO, "trainable_params": demo_params, "bytes_per_step": demo_bytes,
             "s_per_step_1_rank": mean(one), "s_per_step_2_ranks": mean(two),
+            "of_which_in_collectives_2_ranks": mean(exchanging),
             "allreduce_s_2_ranks_loopback": demo_x,
             "projected_s_per_step": {
                 n: projected(mean(one), demo_bytes, n) for n in (2, 4)

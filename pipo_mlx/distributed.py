@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +48,7 @@ class World:
         self.rank, self.size = (0, 1) if alone else (self.group.rank(), self.group.size())
         self.main = self.rank == 0
         self.timeout = timeout
+        self.waited = 0.0  # seconds in collectives, the wait for slower ranks included
 
     @classmethod
     def alone(cls) -> "World":
@@ -69,6 +71,7 @@ class World:
         timer = threading.Timer(self.timeout, give_up)
         timer.daemon = True
         timer.start()
+        tic = time.perf_counter()
         try:
             yield
         except RuntimeError as e:
@@ -80,6 +83,7 @@ class World:
             ) from None
         finally:
             timer.cancel()
+            self.waited += time.perf_counter() - tic
 
     def _sum(self, x: Any, what: str) -> Any:
         with self._watched(what):

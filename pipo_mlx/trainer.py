@@ -129,6 +129,7 @@ def train(cfg: TrainConfig) -> PipoModel:
         # trains (no dropout), so its scoring takes the route too.
         teacher.train()
     meter, tokens, elapsed, window = stage.meter(), 0, 0.0, 0
+    exchanging = 0.0  # of elapsed, in collectives (the wait for slower ranks included)
     with (
         backbones.of(model).fast_training(model),
         backbones.of(model).fast_training(teacher) if teacher is not None else nullcontext(),
@@ -140,7 +141,7 @@ def train(cfg: TrainConfig) -> PipoModel:
             validate(0)
         start, total_elapsed = step, 0.0
         while step < cfg.iters:
-            tic = time.perf_counter()
+            tic, waited = time.perf_counter(), world.waited
             grads = None
             for j in range(cfg.grad_accumulation):
                 batch = stage.batch(step * cfg.grad_accumulation + j)
@@ -165,6 +166,7 @@ def train(cfg: TrainConfig) -> PipoModel:
             mx.eval(model.trainable_parameters(), optimizer.state)
             step += 1
             dt = time.perf_counter() - tic
+            exchanging += world.waited - waited
             elapsed += dt
             total_elapsed += dt
             window += 1
@@ -175,14 +177,16 @@ def train(cfg: TrainConfig) -> PipoModel:
                 eta = total_elapsed / (step - start) * (cfg.iters - step)
                 # The optimizer holds the rate of its latest update.
                 lr = optimizer.learning_rate.item()
+                ranks = f" ({exchanging / window:.2f} exchanging)" if world.size > 1 else ""
                 show(
                     f"[train] step {step}/{cfg.iters} | {meter.line(weights)} | lr {lr:.2e} | "
-                    f"{tokens / elapsed:.0f} tok/s, {elapsed / window:.2f} s/step | "
+                    f"{tokens / elapsed:.0f} tok/s, {elapsed / window:.2f} s/step{ranks} | "
                     f"peak {mx.get_peak_memory() / 1e9:.2f} GB | "
                     f"ETA {timedelta(seconds=int(eta))}",
                     flush=True,
                 )
                 meter, tokens, elapsed, window = stage.meter(), 0, 0.0, 0
+                exchanging = 0.0
             if step % cfg.val_every == 0 or step == cfg.iters:
                 validate(step)
             stop = world.any(stop_requested())  # every rank stops after the same step

@@ -9,6 +9,7 @@ seams); the reference, one process over the whole batch, runs in this one.
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -134,6 +135,7 @@ def test_two_ranks_train_as_one_process_with_the_whole_batch(mlx_pipo, data, two
     # Rank 0 alone printed, and wrote the checkpoint and the fused model; rank 1's
     # own folder never came to exist.
     assert two.stdout.count("[train] step 1/4") == 1 and two.stdout.count("[val] step 4") == 1
+    assert re.search(r"s/step \([\d.]+ exchanging\)", two.stdout), two.stdout
     assert "data-parallel over 2 ranks" in two.stderr
     assert (out / "fused" / "config.json").is_file()
     assert not Path(f"{out}-rank1").exists()
