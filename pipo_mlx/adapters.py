@@ -16,10 +16,9 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import dequantize_model
 
 from . import backbones
-from .conversion import recorded_base
 from .hf_io import read_json
 from .model import PipoModel
-from .model_io import UNTRAINED_KEY, save_folder
+from .model_io import UNTRAINED_KEY, recorded_base, save_folder
 from .train_config import TrainConfig
 
 HEADS = ("compressor", "mtp", "confidence_head")

@@ -32,12 +32,11 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import dequantize_model, load as mlx_lm_load
 
-from .conversion import recorded_base
 from .data import read_jsonl
 from .decode import check_threshold, stream_generate
 from .errors import PipoError
 from .hf_io import is_hub_id, read_json
-from .model_io import write_json_atomic
+from .model_io import recorded_base, write_json_atomic
 from .prompt_cache import make_prompt_cache, pair_up
 from .quality import Progress, calibration, fastest_passing, score_generation, teacher_forced
 # A prompt or messages record gives what a model is to continue, as for teacher rollouts.

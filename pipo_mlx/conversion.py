@@ -29,7 +29,7 @@ from .hf_io import (
     resolve,
 )
 from .model import HEAD_PREFIXES
-from .model_io import UNTRAINED_KEY, cast, pad_token_id, save_folder
+from .model_io import UNTRAINED_KEY, base_source, cast, pad_token_id, save_folder
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 ARCHITECTURE = "Qwen3_5ForCausalPIPO"  # the name the authors' training tool stores
@@ -37,23 +37,6 @@ ARCHITECTURE = "Qwen3_5ForCausalPIPO"  # the name the authors' training tool sto
 
 class MissingHeadsError(PipoError):
     """The source has no trained PIPO heads and the caller asked for them."""
-
-
-def base_source(spec: str) -> str:
-    """How a model folder records its base (`pipo.base_model`): a hub id as given,
-    a local path made absolute, so the record holds wherever the folder moves."""
-    return spec if is_hub_id(spec) else str(Path(spec).expanduser().resolve())
-
-
-def recorded_base(folder: Path, record: Optional[str]) -> Optional[str]:
-    """A folder's base record as a hub id or an absolute path. A relative path (a
-    hand-written config's, as the shipped demo's) is relative to `folder`."""
-    if record is None:
-        return None
-    local = folder / Path(record).expanduser()  # an absolute record stays as it is
-    if not local.exists() and is_hub_id(record):
-        return record
-    return str(local.resolve())
 
 
 def _canonical(key: str) -> str:

@@ -17,12 +17,29 @@ from mlx_lm.utils import load_model, load_tokenizer, save_config, save_model
 from . import backbones
 from .backbones import Backbone
 from .errors import PipoError
-from .hf_io import read_json
+from .hf_io import is_hub_id, read_json
 
 # The `pipo` config field naming the heads a conversion initialised fresh; their
 # output is noise until training, whose fused model no longer has the field.
 UNTRAINED_KEY = "untrained_heads"
 _warned_untrained = set()  # folders already warned about in this process
+
+
+def base_source(spec: str) -> str:
+    """How a model folder records its base (`pipo.base_model`): a hub id as given,
+    a local path made absolute, so the record holds wherever the folder moves."""
+    return spec if is_hub_id(spec) else str(Path(spec).expanduser().resolve())
+
+
+def recorded_base(folder: Path, record: Optional[str]) -> Optional[str]:
+    """A folder's base record as a hub id or an absolute path. A relative path (a
+    hand-written config's, as the shipped demo's) is relative to `folder`."""
+    if record is None:
+        return None
+    local = folder / Path(record).expanduser()  # an absolute record stays as it is
+    if not local.exists() and is_hub_id(record):
+        return record
+    return str(local.resolve())
 
 
 def pad_token_id(tokenizer: Any, backbone: Backbone, where: Path) -> int:

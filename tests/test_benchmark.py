@@ -18,7 +18,7 @@ from test_train_cli import cli_args, run
 
 from pipo_mlx import convert, load
 from pipo_mlx.cli.benchmark import main as benchmark
-from pipo_mlx.conversion import base_source, recorded_base
+from pipo_mlx.model_io import base_source, recorded_base
 from pipo_mlx.drafting import weight_bytes
 from pipo_mlx.speed import compressor_bound
 

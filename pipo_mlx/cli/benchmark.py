@@ -14,13 +14,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from ..conversion import recorded_base
 from ..decode import recommended_threshold
 from ..drafting import weight_bytes
 from ..errors import PipoError
 from ..hf_io import TOKENIZER_PATTERNS, WEIGHT_PATTERNS, is_hub_id, resolve
 from ..model import PipoModel
-from ..model_io import load, write_json_atomic
+from ..model_io import load, recorded_base, write_json_atomic
 from ..speed import (
     compressor_bound,
     interleave,
