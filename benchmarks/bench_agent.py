@@ -74,14 +74,17 @@ def log(msg: str) -> None:
 
 def session(tokenizer, turns: int, context: int) -> List[Dict[str, Any]]:
     """The scripted turns: (assistant text, tool call, tool result), results sized to reach `context` tokens."""
-    per_turn = max(32, (context - 600) // turns)
+    # 510 tokens: the system prompt, tools and task in the demo's template; 112 per turn: the assistant's text,
+    # its tool call and the result's wrapping (measured, 104 to 117). Sized otherwise, the last turn of the
+    # default run overran the demo's 4096-token context (4266 tokens).
+    per_turn = max(120, (context - 510) // turns)
     steps = []
     for n in range(turns):
         path = SOURCES[n % len(SOURCES)]
         ids = tokenizer.encode((REPO / path).read_text()[: 8 * per_turn * (1 + turns // len(SOURCES))],
                                add_special_tokens=False)
         start = (n // len(SOURCES)) * per_turn
-        result = tokenizer.decode(ids[start: start + per_turn - 60])
+        result = tokenizer.decode(ids[start: start + per_turn - 112])
         name, args = ("read_file", {"path": path}) if n % 3 != 2 else ("run_tests", {"path": "tests/test_server.py"})
         steps.append({"text": f"Step {n + 1}: I will check {path}.", "tool": name, "input": args,
                       "id": f"toolu_{n:04d}", "result": result})
@@ -226,7 +229,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     from pipo_mlx import load
-    from pipo_mlx.conversion import recorded_base
+    from pipo_mlx.model_io import recorded_base
 
     args = parse_args(argv)
     log(f"results go to {args.out}" + ("" if args.full else " (not a full run)"))

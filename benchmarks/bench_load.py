@@ -91,7 +91,7 @@ def send(port: int, api: str, body: Dict[str, Any], stream: bool, leave: bool) -
     tic = time.perf_counter()
     conn.request("POST", path, json.dumps({**body, "stream": stream}), {"Content-Type": "application/json"})
     resp = conn.getresponse()
-    result: Dict[str, Any] = {"status": resp.status, "text": None, "ttft_s": None}
+    result: Dict[str, Any] = {"status": resp.status, "text": None, "ttft_s": None, "failed": False}
     if resp.status != 200 or not stream:
         raw = resp.read()
         if resp.status == 200:
@@ -121,7 +121,8 @@ def send(port: int, api: str, body: Dict[str, Any], stream: bool, leave: bool) -
                     return result
             text += piece
     conn.close()
-    result["text"] = None if failed else text
+    # An error event inside a 200 stream is the server failing as surely as a 5xx: counted, and fails the run.
+    result["text"], result["failed"] = (None if failed else text), failed
     return result
 
 
@@ -175,7 +176,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             try:
                 got = send(port, api, body, stream, leave)
             except (OSError, http.client.HTTPException) as e:
-                got = {"status": 0, "text": None, "ttft_s": None, "error": repr(e)}
+                got = {"status": 0, "text": None, "ttft_s": None, "failed": True, "error": repr(e)}
             visible = want if api == "openai" or want.strip() else ""
             got.update(api=api, stream=stream, left=leave,
                        wrong=got["text"] is not None and got["text"] != visible)
@@ -196,23 +197,30 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     for d in done:
         statuses[str(d["status"])] = statuses.get(str(d["status"]), 0) + 1
     ttft = sorted(d["ttft_s"] for d in done if d["ttft_s"] is not None)
+    # Growth within the last two thirds only: the first third is warm-up (compiles, the prompt cache filling),
+    # and a peak there followed by a fall is not growth.
     third = [m for t, m in rss if t >= args.duration / 3] or [rss[-1][1]]
-    growth = max(m for _, m in rss) / third[0] - 1
+    growth = max(third) / third[0] - 1
     results = {
         "model": args.model, "settings": {k: getattr(args, k) for k in ("clients", "duration", "max_tokens", "quick")},
         "machine": {"cores": os.cpu_count(), "load_average": os.getloadavg()},
         "requests": len(done), "statuses": statuses, "server_errors": sum(d["status"] >= 500 for d in done),
         "completed": sum(d["text"] is not None for d in done), "wrong_answers": sum(d["wrong"] for d in done),
         "left_mid_stream": sum(d["left"] for d in done),
+        # Connections the server dropped and error events inside streams; a client's own leaving is not one.
+        "failed": sum(d["failed"] for d in done),
+        "errors": sorted({d["error"] for d in done if "error" in d})[:5],
         "ttft_p50_s": statistics.median(ttft) if ttft else None,
         "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] if ttft else None,
         "rss_mb": rss, "rss_growth_after_first_third": growth,
     }
-    results["ok"] = results["server_errors"] == 0 and results["wrong_answers"] == 0 and growth <= 0.05
+    results["ok"] = (results["server_errors"] == 0 and results["failed"] == 0 and results["wrong_answers"] == 0
+                     and growth <= 0.05)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps(results, indent=1))
     log(f"{results['requests']} requests ({statuses}), {results['completed']} completed, "
-        f"{results['wrong_answers']} differ from the library, {results['left_mid_stream']} left mid-stream; "
+        f"{results['wrong_answers']} differ from the library, {results['failed']} failed, "
+        f"{results['left_mid_stream']} left mid-stream; "
         f"TTFT p50 {results['ttft_p50_s']:.3f} s, p99 {results['ttft_p99_s']:.3f} s; resident memory "
         f"{rss[0][1]:.0f} -> {rss[-1][1]:.0f} MB ({100 * growth:+.1f}% after the first third): "
         f"{'ok' if results['ok'] else 'FAILED'}")
