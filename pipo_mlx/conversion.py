@@ -22,7 +22,6 @@ from .hf_io import (
     TOKENIZER_PATTERNS,
     WEIGHT_PATTERNS,
     flat_text_config,
-    is_hub_id,
     load_safetensors,
     load_weights,
     read_json,
