@@ -21,15 +21,16 @@ import http.client
 import json
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_server import Served, log  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS, SCRATCH = REPO / "benchmarks" / "results", REPO / "build" / "bench"
@@ -39,10 +40,6 @@ PROMPTS = ["def fib(n):", "class Stack:", "import os\n", "for line in open(path)
 GREEDY = [(-1.0, "always"), (0.5, "always"), (1.0, "never")]  # (threshold, drafting): batch-independent
 SAMPLED = {"temperature": 1.0, "top_p": 0.95, "top_k": 20}
 SEEDS = [11, 12, 13, 14]
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def chat_ids(tokenizer, prompt: str) -> List[int]:
@@ -155,14 +152,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     model, tokenizer = load(args.model)
     menu = requests_and_answers(model, tokenizer, args.max_tokens)
     log(f"{len(menu)} requests with the library's answers")
-    err = tempfile.NamedTemporaryFile("w+", suffix=".log")
-    proc = subprocess.Popen([sys.executable, "-m", "pipo_mlx.server", "--model", args.model, "--port", "0",
-                             "--served-model-name", "*"], stderr=err, stdout=subprocess.DEVNULL, cwd=REPO)
-    while not (m := re.search(r"http://127\.0\.0\.1:(\d+)", Path(err.name).read_text())):
-        if proc.poll() is not None:
-            raise RuntimeError(Path(err.name).read_text())
-        time.sleep(0.1)
-    port = int(m.group(1))
+    server = Served(args.model, "--served-model-name", "*")
+    proc, port = server.proc, server.port
     done: List[Dict[str, Any]] = []
     lock = threading.Lock()
     deadline = time.time() + args.duration
