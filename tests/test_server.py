@@ -7,7 +7,6 @@ run here, on a fresh cache, over the same tokens.
 
 import http.client
 import json
-import re
 import socket
 import subprocess
 import sys
@@ -15,15 +14,14 @@ import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from hf_reference import random_ids
 from openai import OpenAI
+from server_process import start_server, stop_server
 
 from pipo_mlx import load, stream_generate
 
-ROOT = Path(__file__).resolve().parents[1]
 CACHE_BYTES = 2 * 2**20  # small, so the load test goes through evictions
 MAX_BODY = 64 * 1024
 
@@ -31,20 +29,10 @@ MAX_BODY = 64 * 1024
 @pytest.fixture(scope="module")
 def server(mlx_pipo, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipo_mlx.server", "--model", str(mlx_pipo), "--port", "0",
-             "--prompt-cache-bytes", str(CACHE_BYTES), "--max-concurrent", "8",
-             "--max-request-bytes", str(MAX_BODY), "--max-tokens", "16"],
-            stderr=err, stdout=subprocess.DEVNULL, cwd=ROOT,
-        )
-    deadline = time.time() + 60
-    while not (m := re.search(r"http://127\.0\.0\.1:(\d+)", log.read_text())):
-        assert proc.poll() is None and time.time() < deadline, log.read_text()
-        time.sleep(0.1)
-    yield {"url": f"http://127.0.0.1:{m.group(1)}", "port": int(m.group(1)), "proc": proc, "log": log}
-    proc.terminate()
-    proc.wait(timeout=10)
+    server = start_server(mlx_pipo, log, "--prompt-cache-bytes", str(CACHE_BYTES), "--max-concurrent", "8",
+                          "--max-request-bytes", str(MAX_BODY), "--max-tokens", "16")
+    yield server
+    stop_server(server)
 
 
 @pytest.fixture(scope="module")
